@@ -244,3 +244,17 @@ def test_bad_input():
         m(torch.randn(1, 3, 36, 36))
     with pytest.raises(ValueError, match="pos_embed"):
         vit.VisionTransformer(pos_embed="rope")
+
+
+def test_grad_ckpt_gives_identical_gradients():
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=4)
+    torch.manual_seed(0)
+    a = vit.VisionTransformer(**kw)
+    b = vit.VisionTransformer(grad_ckpt=True, **kw)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    a(x).square().sum().backward()
+    b(x).square().sum().backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), n
