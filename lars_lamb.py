@@ -1,17 +1,18 @@
 """LARS and LAMB: the layer-wise adaptive optimizers of the MoCo v3 paper.
 
-MoCo v3 (Chen, Xie, He, ICCV 2021) trains ResNet-50 with LARS (Sec. 4, Appendix) and compares LAMB with
-AdamW for ViT (Fig. 3: LAMB is stable but a little worse at the same lr). LARS is You, Gitman, Ginsburg 2017,
-"Large Batch Training of Convolutional Networks"; LAMB is You et al. 2020, "Large Batch Optimization for Deep
-Learning: Training BERT in 76 Minutes".
+MoCo v3 (Chen, Xie, He, ICCV 2021) trains ResNet-50 with LARS and compares LAMB, the Adam counterpart of
+LARS, with AdamW for ViT (its Fig. 3: LAMB is more sensitive to the learning rate, so ViT keeps AdamW).
+LARS is You, Gitman, Ginsburg 2017, "Large Batch Training of Convolutional Networks"; LAMB is You et al.
+2020, "Large Batch Optimization for Deep Learning: Training BERT in 76 Minutes".
 
 Both scale each tensor's update by a trust ratio ||p|| / ||update||. Following the official MoCo v3 LARS, a
 parameter with p.ndim <= 1 (biases, BatchNorm/LayerNorm gains and shifts) gets neither weight decay nor the
 trust ratio; the per-group option `exclude_1d=False` applies both to every parameter of that group.
 
-`foreach=False` runs the readable per-parameter loop, which is the specification. The default
+`foreach=False` runs the readable per-parameter loop, which is the specification; the default
 (`foreach=None` or `True`) runs the same arithmetic, in the same order, on lists of tensors with
-`torch._foreach_*` ops. Neither path syncs with the host: zero norms are handled with `torch.where`.
+`torch._foreach_*` ops: bit-identical to the loop on CPU; on CUDA most ops launch once per list instead of
+once per tensor (the per-tensor norms may round differently there). Neither path syncs with the host: zero norms are handled with `torch.where`.
 """
 import torch
 

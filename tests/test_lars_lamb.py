@@ -129,7 +129,7 @@ def test_excluded_params_follow_sgd_and_adam(foreach):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-# ---- zero norms: trust ratio 1, no NaN ----------------------------------------------------------------------
+# ---- zero norms: trust ratio 1, no NaN ---------------------------------------------------------------------
 @pytest.mark.parametrize('foreach', PATHS)
 def test_zero_param_and_zero_grad(foreach):
     g = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=torch.float64)
@@ -150,7 +150,7 @@ def test_zero_param_and_zero_grad(foreach):
         assert torch.equal(p, torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64))
 
 
-# ---- foreach path == loop path ------------------------------------------------------------------------------
+# ---- foreach path == loop path -----------------------------------------------------------------------------
 def _model_params(dtype):
     torch.manual_seed(1)
     shapes = [(6, 3, 3, 3), (6,), (10, 6), (10,), (), (2, 5, 4)]
@@ -176,7 +176,7 @@ def test_foreach_equals_loop(dtype, opt, kw):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same ops in the same order: bit-identical
 
 
-# ---- bookkeeping: closure, params without grad, state_dict round trip ---------------------------------------
+# ---- bookkeeping: closure, params without grad, state_dict round trip --------------------------------------
 @pytest.mark.parametrize('opt', [LARS, LAMB])
 def test_closure_and_params_without_grad(opt):
     w = torch.nn.Parameter(torch.tensor([[1.0, 2.0]]))
