@@ -1,13 +1,13 @@
 """Vision Transformer for MoCo v3 (Chen, Xie, He, ICCV 2021), owned here rather than borrowed from timm.
 
 What the paper changes in a plain ViT (Dosovitskiy et al.) and where it lives in this file:
-  * fixed 2-D sin-cos position embedding (Sec. 4.1, Table 5) ........ `build_2d_sincos_pos_embed`
+  * fixed 2-D sin-cos position embedding (Sec. 4.1, ablated in Sec. 6)  `build_2d_sincos_pos_embed`
   * a frozen random patch projection, the stability trick (Sec. 4.2) .. `stop_grad_conv1`
   * MoCo v3's initialisation: Xavier-uniform Linear weights, `qkv` as three D x D matrices, class token
     N(0, 1e-6), patch projection Xavier-uniform on its flattened fan-in ........... `_init_weights`
   * the configurations of Table 1 (ViT-S has 12 heads, not DeiT's 6) and the convolutional stem of
     Xiao et al., "Early Convolutions Help Transformers See Better" (Sec. 6) ...... factories at the bottom
-  * ablations: position embedding sincos / learned / none (Table 5), class token vs average pooling (Table 6)
+  * ablations: position embedding sincos / learned / none, class token vs average pooling (Sec. 6)
 
 Parameter names equal timm's ViT and hence the released MoCo v3 checkpoints (`vit-s-300ep.pth.tar`, ...):
 `cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*`,
