@@ -1,0 +1,429 @@
+"""Speed and memory of MoCo v3 pretraining (Chen, Xie, He, ICCV 2021, Algorithm 1) on synthetic data.
+
+    python bench.py --arch vit_small -b 8                     # CPU fp32: ViT-S/16, 224 px, batch 8
+    python bench.py --arch vit_base -b 128 --dtype bf16       # one GPU (cuda when present)
+    python bench.py --arch resnet50 -b 8 --channels-last      # ResNet-50, NHWC convolutions
+    python bench.py --data                                    # the data pipeline, images/s per worker
+    python bench.py ... --compare-optimizers --json           # + AdamW/LARS/LAMB step times, JSON output
+
+Training mode: random tensors (no loading), `--warmup` untimed steps, then the median of `--steps` timed ones of
+  * the real step `model(x1, x2, m)` + backward + optimizer step: the headline images/s;
+  * the same step cut into phases with MoCo's own pieces (`update_momentum_encoder`, `encode`, `predictor`,
+    `contrastive_loss`), synchronised between phases on CUDA: momentum update, query forward (base encoder +
+    predictor, both crops), momentum forward (no grad), loss, backward, optimizer.
+FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over one eager training step (forward +
+backward, no recomputation), and set against the device's own matmul peak, measured here in the same dtype.
+Data mode: the pretraining's two-crop augmentation of train_pretrain.py on generated JPEG/PNG files, one thread
+(= one DataLoader worker), decoded by torchvision.io (as training does) or by PIL with the same ops on PIL images.
+"""
+import argparse
+import ast
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import moco
+import vit
+from lars_lamb import LAMB, LARS
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+PHASES = ('momentum_update', 'query_forward', 'momentum_forward', 'loss', 'backward', 'optimizer')
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('MoCo v3 benchmark', description=__doc__.split('\n')[0])
+    g = p.add_argument_group('model')
+    g.add_argument('--arch', default='vit_small', help='one of: ' + ', '.join(moco.ARCHS))
+    g.add_argument('-b', '--batch-size', type=int, default=8, help='images per step (each gives two crops)')
+    g.add_argument('--img-size', type=int, default=224)
+    g.add_argument('--patch-size', type=int, default=None, help='ViT patch size (default: the arch\'s, 16)')
+    g.add_argument('--moco-dim', type=int, default=256)
+    g.add_argument('--moco-mlp-dim', type=int, default=4096)
+    g.add_argument('--kw', action='append', default=[], metavar='KEY=VALUE',
+                   help='extra backbone argument, e.g. --kw depth=2 --kw embed_dim=64 (tiny configs)')
+    g = p.add_argument_group('speed levers')
+    g.add_argument('--device', default=None, help='cpu or cuda[:i] (default: cuda when present)')
+    g.add_argument('--dtype', choices=DTYPES, default=None, help='autocast dtype; CUDA only (default bf16 there)')
+    g.add_argument('--optimizer', choices=('adamw', 'lars', 'lamb'), default='adamw',
+                   help='AdamW is fused, LARS / LAMB use their multi-tensor path')
+    g.add_argument('--compile', action='store_true', help='torch.compile base/momentum encoder and predictor')
+    g.add_argument('--grad-ckpt', action='store_true', help='activation checkpointing of every ViT block')
+    g.add_argument('--channels-last', action='store_true', help='NHWC memory format (ResNet convolutions)')
+    g.add_argument('--no-concat-crops', action='store_true', help='ViT: one backbone pass per crop (ablation)')
+    g.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
+    g = p.add_argument_group('measurement')
+    g.add_argument('--warmup', type=int, default=2)
+    g.add_argument('--steps', type=int, default=5, help='timed steps; the median is reported')
+    g.add_argument('--peak-n', type=int, default=None, help='matmul size for the peak (4096 CUDA, 2048 CPU)')
+    g.add_argument('--compare-optimizers', action='store_true',
+                   help='also time AdamW (loop / foreach / fused), LARS and LAMB (loop / foreach) steps')
+    g.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
+    g = p.add_argument_group('data pipeline mode')
+    g.add_argument('--data', action='store_true', help='measure decoding + two-crop augmentation instead')
+    g.add_argument('--data-format', choices=('jpeg', 'png'), default='jpeg')
+    g.add_argument('--data-images', type=int, default=32, help='generated files, each read once per pass')
+    g.add_argument('--data-src-size', type=int, nargs=2, default=(500, 375), metavar=('W', 'H'),
+                   help='size of the generated files (ImageNet\'s typical 500 x 375)')
+    return p
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, cpu_time=None):
+    """Wall-clock seconds that fn() takes, device work included. With a list `cpu_time`, the process's CPU
+    seconds are appended to it: on a CPU shared with other jobs they count only the time we ran, not the waits."""
+    sync(device)
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    if cpu_time is not None:
+        cpu_time.append(time.process_time() - c)
+    return time.perf_counter() - t
+
+
+def median_ms(times):
+    return 1e3 * statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- FLOPs and peak
+def _attention_flops(q_shape, k_shape, v_shape, backward=False):
+    """softmax(q k^T) v: two (or, backward, four) batched matmuls of 2 * b h s_q s_k d FLOPs each. Model FLOPs:
+    the forward's scores recomputed by flash backward kernels are not counted, as MFU (Chowdhery et al.,
+    PaLM, App. B) counts work the model needs, not work a kernel chooses to redo."""
+    b, h, s_q, d = q_shape
+    s_k, d_v = k_shape[2], v_shape[3]
+    fwd = 2 * b * h * s_q * s_k * (d + d_v)
+    return 2 * fwd if backward else fwd
+
+
+def _fwd(q, k, v, *args, out_shape=None, **kwargs):
+    return _attention_flops(q, k, v)
+
+
+def _bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+    return _attention_flops(q, k, v, backward=True)
+
+
+aten = torch.ops.aten
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one (torch 2.14 counts 0 FLOPs for it),
+# and counts a recomputation in the CUDA backward; one formula for every kernel keeps CPU and CUDA comparable.
+ATTENTION_FLOPS = {}
+for kernel in ('flash_attention_for_cpu', 'flash_attention', 'efficient_attention', 'cudnn_attention'):
+    if hasattr(aten, f'_scaled_dot_product_{kernel}'):  # not every kernel exists in every torch version
+        ATTENTION_FLOPS[getattr(aten, f'_scaled_dot_product_{kernel}')] = _fwd
+        ATTENTION_FLOPS[getattr(aten, f'_scaled_dot_product_{kernel}_backward')] = _bwd
+
+
+def count_step_flops(model, x1, x2, m, amp):
+    """Matmul / conv FLOPs of one training step (forward + backward, both crops, both encoders, the loss)."""
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+        with amp:
+            loss = model(x1, x2, m)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_peak(device, dtype, n, reps=5):
+    """Best FLOP/s of an n x n x n matmul in `dtype` over `reps` runs: the roofline bench measures against.
+    Returns (by wall clock, by process CPU time / threads)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    c = torch.mm(a, b)  # warm up the kernel choice and thread pool
+    cpu = []
+    best = min(timed(lambda: torch.mm(a, b, out=c), device, cpu) for _ in range(reps))
+    return 2 * n ** 3 / best, 2 * n ** 3 / (min(cpu) / torch.get_num_threads())
+
+
+# ----------------------------------------------------------------------------- levers
+def enable_grad_ckpt(backbone):
+    """Activation checkpointing of each ViT block through vit.py's own switch: activations are recomputed in
+    backward instead of stored, ~1/3 more compute for a much smaller footprint; no-op under no_grad."""
+    if not isinstance(backbone, vit.VisionTransformer):
+        raise SystemExit('error: --grad-ckpt checkpoints ViT blocks; it is not implemented for ResNets')
+    backbone.grad_ckpt = True
+
+
+def optimizer_variants():
+    """name -> factory(params) of every optimizer implementation bench compares (--compare-optimizers)."""
+    adamw = lambda **kw: lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1, **kw)
+    lars = lambda fe: lambda ps: LARS(ps, lr=1e-3, weight_decay=1e-6, momentum=0.9, foreach=fe)
+    lamb = lambda fe: lambda ps: LAMB(ps, lr=1e-4, weight_decay=0.1, foreach=fe)
+    return {'adamw loop': adamw(foreach=False), 'adamw foreach': adamw(foreach=True), 'adamw fused': adamw(fused=True),
+            'lars loop': lars(False), 'lars foreach': lars(True), 'lamb loop': lamb(False), 'lamb foreach': lamb(True)}
+
+
+# the implementation each --optimizer uses in the timed steps
+OPTIMIZER_IMPL = {'adamw': 'adamw fused', 'lars': 'lars foreach', 'lamb': 'lamb foreach'}
+
+
+def momentum_update_variants(model, m):
+    """Baselines for moco.py's update, timed only: the official per-tensor loop (the same bits as moco.py), and
+    one multi-tensor lerp, theta_k + (1 - m)(theta_q - theta_k): fewer memory passes, not the same bits."""
+    pairs = list(zip(model.momentum_encoder.parameters(), model.base_encoder.parameters()))
+
+    @torch.no_grad()
+    def official():
+        for pk, pq in pairs:
+            pk.data = pk.data * m + pq.data * (1.0 - m)
+
+    @torch.no_grad()
+    def lerp():
+        torch._foreach_lerp_([k for k, _ in pairs], [q for _, q in pairs], 1.0 - m)
+    return {'foreach (moco.py)': lambda: model.update_momentum_encoder(m), 'loop (official)': official,
+            'foreach lerp (other rounding)': lerp}
+
+
+# ----------------------------------------------------------------------------- training mode
+def bench_training(args):
+    try:
+        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise SystemExit(f'error: unknown --device {args.device!r} (cpu, cuda or cuda:i)') from None
+    if device.type not in ('cpu', 'cuda') or (device.type == 'cuda' and not torch.cuda.is_available()):
+        raise SystemExit(f'error: --device {device} is not available here (cpu, or cuda when present)')
+    dtype_name = args.dtype or ('bf16' if device.type == 'cuda' else 'fp32')
+    if device.type == 'cpu' and dtype_name != 'fp32':
+        raise SystemExit(f'error: --dtype {dtype_name} is CUDA only; the CPU runs fp32 (autocast there is slow)')
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        raise SystemExit('error: --batch-size and --steps must be >= 1, --warmup >= 0')
+    if args.grad_ckpt and args.arch not in vit.ARCHS:
+        raise SystemExit('error: --grad-ckpt checkpoints ViT blocks; it is not implemented for ResNets')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    amp_dtype = DTYPES[dtype_name]
+    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == 'fp16')
+
+    kwargs = {}
+    for item in args.kw:
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise SystemExit(f'error: --kw expects KEY=VALUE, got {item!r}')
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    if args.arch in vit.ARCHS:
+        kwargs.setdefault('img_size', args.img_size)
+        if args.patch_size:
+            kwargs.setdefault('patch_size', args.patch_size)
+    try:
+        model = moco.build_moco(args.arch, args.moco_dim, args.moco_mlp_dim, T=0.2, **kwargs).to(device)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f'error: {e}') from None
+    if args.no_concat_crops:
+        model.concat_crops = False
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = (torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g)
+              .to(device, memory_format=fmt) for _ in range(2))
+    m, B = 0.99, args.batch_size
+
+    flops_step = count_step_flops(model, x1, x2, m, amp())  # eager, before checkpointing and compiling
+    peak_n = args.peak_n or (4096 if device.type == 'cuda' else 2048)
+    peak, peak_cpu = matmul_peak(device, amp_dtype, peak_n)
+    if args.grad_ckpt:
+        enable_grad_ckpt(model.base_encoder)
+    if args.compile:  # in place: the same modules serve the real step and the phase-split one
+        for mod in (model.base_encoder, model.momentum_encoder, model.predictor):
+            mod.compile()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer_variants()[OPTIMIZER_IMPL[args.optimizer]](params)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():  # what train_pretrain.py does each iteration
+        with amp():
+            loss = model(x1, x2, m)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def split_step():  # the same computation as MoCo.forward + step(), timed piece by piece
+        t = {}
+        t['momentum_update'] = timed(lambda: model.update_momentum_encoder(m), device)
+        out = {}
+
+        def query():
+            with amp():
+                out['q'] = [model.predictor(z) for z in model.encode(model.base_encoder, x1, x2)]
+
+        def keys():
+            with torch.no_grad(), amp():
+                out['k'] = model.encode(model.momentum_encoder, x1, x2)
+
+        def loss():
+            with amp():
+                (q1, q2), (k1, k2) = out['q'], out['k']
+                out['loss'] = moco.contrastive_loss(q1, k2, model.T) + moco.contrastive_loss(q2, k1, model.T)
+
+        def backward():
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(out['loss']).backward()
+
+        def optimizer():
+            scaler.step(opt)
+            scaler.update()
+        for name, fn in (('query_forward', query), ('momentum_forward', keys), ('loss', loss),
+                         ('backward', backward), ('optimizer', optimizer)):
+            t[name] = timed(fn, device)
+        return t
+
+    first = timed(step, device)  # includes compilation with --compile
+    for _ in range(max(args.warmup - 1, 0)):
+        step()
+    step_cpu = []
+    step_times = [timed(step, device, step_cpu) for _ in range(args.steps)]
+    for _ in range(min(args.warmup, 1)):
+        split_step()
+    splits = [split_step() for _ in range(args.steps)]
+    step_ms = median_ms(step_times)
+    peak2, peak_cpu2 = matmul_peak(device, amp_dtype, peak_n)  # again after the steps: the best of both
+    peak, peak_cpu = max(peak, peak2), max(peak_cpu, peak_cpu2)
+    # CPU only: the same ratio from CPU seconds (step and peak alike, per thread), which a busy machine
+    # distorts far less than wall-clock time; on CUDA process time says nothing about the device
+    mfu_cpu_time = (flops_step / (statistics.median(step_cpu) / torch.get_num_threads()) / peak_cpu
+                    if device.type == 'cpu' else None)
+    phases = {k: median_ms([s[k] for s in splits]) for k in PHASES}
+
+    if device.type == 'cuda':
+        mem, mem_kind = torch.cuda.max_memory_allocated(device), 'cuda max_memory_allocated'
+    else:  # Linux reports KiB: the whole process's high-water mark (weights, activations, allocator, python)
+        mem, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process peak RSS (CPU)'
+    n_params = sum(p.numel() for p in params)
+    res = dict(mode='train', arch=args.arch, backbone_kwargs=kwargs, batch_size=B, img_size=args.img_size,
+               dtype=dtype_name, device=str(device), device_name=(torch.cuda.get_device_name(device)
+                                                                  if device.type == 'cuda' else 'cpu'),
+               threads=torch.get_num_threads(), load_avg=list(os.getloadavg()), optimizer=args.optimizer,
+               compile=args.compile, grad_ckpt=args.grad_ckpt, channels_last=args.channels_last,
+               optimizer_impl=OPTIMIZER_IMPL[args.optimizer], concat_crops=model.concat_crops,
+               trainable_params=n_params,
+               images_per_s=B / (step_ms / 1e3), step_ms=step_ms, phases_ms=phases,
+               phases_total_ms=sum(phases.values()),
+               update_and_optimizer_share=(phases['momentum_update'] + phases['optimizer']) / sum(phases.values()),
+               compile_s=(first - step_ms / 1e3) if args.compile else None,
+               flops_per_step=flops_step, flops_per_image=flops_step / B,
+               achieved_flops_per_s=flops_step / (step_ms / 1e3), peak_matmul_flops_per_s=peak,
+               peak_matmul_n=peak_n, mfu=flops_step / (step_ms / 1e3) / peak, mfu_cpu_time=mfu_cpu_time,
+               peak_memory_bytes=mem, peak_memory_kind=mem_kind)
+
+    # Momentum update and optimizer steps, alone: the multi-tensor / fused kernels against per-tensor loops.
+    res['momentum_update_ms'] = {name: median_ms([timed(fn, device) for _ in range(args.steps)])
+                                 for name, fn in momentum_update_variants(model, m).items()}
+    if args.compare_optimizers:
+        del opt
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        res['optimizer_ms'] = {}
+        for name, make in optimizer_variants().items():
+            o = make(params)
+            o.step()  # creates the state
+            res['optimizer_ms'][name] = median_ms([timed(o.step, device) for _ in range(args.steps)])
+            del o
+    return res
+
+
+def print_training(r):
+    gb, g = 2 ** 30, 1e9
+    levers = [k for k in ('compile', 'grad_ckpt', 'channels_last') if r[k]] + ['concat crops'] * r['concat_crops']
+    print(f"{r['arch']} {r['backbone_kwargs']} | batch {r['batch_size']} x 2 crops, {r['img_size']} px | "
+          f"{r['dtype']} on {r['device_name']} ({r['threads']} threads, load {r['load_avg'][0]:.2f}) | "
+          f"{r['optimizer']} | {', '.join(levers) or 'no levers'} | {r['trainable_params'] / 1e6:.1f} M params")
+    print(f"{'step (model(x1, x2, m) + backward + optimizer)':<48} {r['step_ms']:10.1f} ms  "
+          f"{r['images_per_s']:8.1f} images/s")
+    for k, v in r['phases_ms'].items():
+        print(f"  {k:<46} {v:10.1f} ms  {100 * v / r['phases_total_ms']:6.1f} %")
+    print(f"  {'sum of phases':<46} {r['phases_total_ms']:10.1f} ms  (momentum update + optimizer "
+          f"{100 * r['update_and_optimizer_share']:.1f} % of it)")
+    if r['compile_s'] is not None:
+        print(f"{'compile time (first step - steady step)':<48} {r['compile_s']:10.1f} s")
+    print(f"{'FLOPs per image (fwd + bwd, 2 crops)':<48} {r['flops_per_image'] / g:10.2f} GFLOP")
+    print(f"{'achieved':<48} {r['achieved_flops_per_s'] / g:10.1f} GFLOP/s")
+    print(f"{'matmul peak (' + str(r['peak_matmul_n']) + '^3, ' + r['dtype'] + ')':<48} "
+          f"{r['peak_matmul_flops_per_s'] / g:10.1f} GFLOP/s  -> {100 * r['mfu']:.1f} % of peak")
+    if r['mfu_cpu_time'] is not None:
+        print(f"{'  the same share from process CPU time':<48} {100 * r['mfu_cpu_time']:10.1f} %  "
+              f"(with --threads 1: robust to other jobs)")
+    print(f"{'peak memory, ' + r['peak_memory_kind']:<48} {r['peak_memory_bytes'] / gb:10.2f} GiB")
+    for title, key in (('momentum update', 'momentum_update_ms'), ('optimizer step', 'optimizer_ms')):
+        for name, v in r.get(key, {}).items():
+            print(f"{title + ', ' + name:<48} {v:10.2f} ms")
+
+
+# ----------------------------------------------------------------------------- data mode
+def bench_data(args):
+    """Images/s of one worker (one thread): decode + the two augmented crops of pretraining."""
+    from PIL import Image
+    from torchvision.transforms import v2 as T
+    try:
+        import train_pretrain as tp
+        aug1, aug2 = tp.pretrain_transforms(args.img_size, 0.08)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f'error: train_pretrain.pretrain_transforms(img_size, crop_min) is needed: {e}') from None
+    if args.data_images < 1:
+        raise SystemExit('error: --data-images must be >= 1')
+    torch.set_num_threads(1)  # a DataLoader worker runs one thread
+
+    def on_pil(aug):  # the same ops on PIL images (PIL kernels), made tensors just before ToDtype + Normalize
+        ops = list(aug.transforms)
+        i = next(j for j, op in enumerate(ops) if isinstance(op, T.ToDtype))
+        return T.Compose(ops[:i] + [T.PILToTensor()] + ops[i:])
+    pipelines = {'torchvision.io decode + v2 on uint8 tensors (train_pretrain)':
+                 (tp.load_image, tp.TwoCrops(aug1, aug2)),
+                 'PIL decode + the same v2 ops on PIL images':
+                 (lambda p: Image.open(p).convert('RGB'), tp.TwoCrops(on_pil(aug1), on_pil(aug2)))}
+    w, h = args.data_src_size
+    g = torch.Generator().manual_seed(0)
+    res = dict(mode='data', format=args.data_format, src_size=[w, h], img_size=args.img_size,
+               images=args.data_images, threads=1, load_avg=list(os.getloadavg()), decode_per_s={}, decode_aug_per_s={},
+               crops={})
+    with tempfile.TemporaryDirectory() as root:
+        paths = []
+        for i in range(args.data_images):  # smooth colour fields + noise: compress like photos, not like noise
+            low = torch.rand(1, 3, h // 25 + 2, w // 25 + 2, generator=g)
+            img = F.interpolate(low, size=(h, w), mode='bicubic', align_corners=False)[0]
+            img = (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1).mul(255).byte()
+            paths.append(os.path.join(root, f'{i}.{args.data_format}'))
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(paths[-1], quality=90)
+        res['mean_file_kb'] = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
+        for name, (load, aug) in pipelines.items():
+            crops = aug(load(paths[0]))  # warm up; the output layout shows both paths feed the model alike
+            res['crops'][name] = [[list(c.shape), str(c.dtype)] for c in crops]
+            cpu = torch.device('cpu')
+            res['decode_per_s'][name] = len(paths) / timed(lambda: [load(p) for p in paths], cpu)
+            res['decode_aug_per_s'][name] = len(paths) / timed(lambda: [aug(load(p)) for p in paths], cpu)
+    return res
+
+
+def print_data(r):
+    print(f"data: {r['images']} {r['format']} files of {r['src_size'][0]}x{r['src_size'][1]} "
+          f"(~{r['mean_file_kb']:.0f} KiB) -> two {r['img_size']} px crops | 1 thread = 1 worker | "
+          f"load {r['load_avg'][0]:.2f}")
+    for name in r['decode_per_s']:
+        print(f"  {name:<62} decode {r['decode_per_s'][name]:7.1f} /s   decode + 2 crops "
+              f"{r['decode_aug_per_s'][name]:7.1f} images/s")
+
+
+def main(args):
+    res = bench_data(args) if args.data else bench_training(args)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        (print_data if args.data else print_training)(res)
+    return res
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())
