@@ -280,7 +280,7 @@ def main(args):
     # ---- train the classifier
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, 'args.json'), 'w') as f:
+        with open(os.path.join(args.output_dir, 'config.json'), 'w') as f:
             json.dump({**vars(args), 'arch': arch}, f, indent=1)
     train_loader = loader(train_set, True)
     stats = {}
@@ -317,7 +317,7 @@ def main(args):
         if not args.cache_features or last or (epoch + 1) % 10 == 0:     # cached epochs take milliseconds
             say(json.dumps(log))
         if rank == 0:
-            with open(os.path.join(args.output_dir, 'log.txt'), 'a') as f:
+            with open(os.path.join(args.output_dir, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps(log) + '\n')
             ckpt = {'epoch': epoch + 1, 'arch': arch, 'backbone_kwargs': kwargs, 'img_size': args.img_size,
                     'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(), 'best_acc1': best_acc1,

@@ -198,7 +198,7 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
 
-    def _pos_embed_for(self, h, w):
+    def pos_embed_for(self, h, w):
         """Position embedding (1, 1 + h*w, D) for an h x w patch grid (0 when there is none)."""
         if self.pos_embed_type == "none":
             return 0.0
@@ -219,7 +219,7 @@ class VisionTransformer(nn.Module):
                              f"(the model was built for {self.img_size}x{self.img_size})")
         x = self.patch_embed(x)  # (B, L, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + L, D)
-        x = x + self._pos_embed_for(H // p, W // p)
+        x = x + self.pos_embed_for(H // p, W // p)
         for blk in self.blocks:
             if self.grad_ckpt and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)

@@ -133,7 +133,7 @@ def test_two_epochs_bn_frozen_and_exact_resume(tmp_path):
     make_pretrained(tmp_path / 'vit.pth', 'vit_conv_small', **{**VIT, 'img_size': 32, 'patch_size': 16})
     common = ['--pretrained', tmp_path / 'vit.pth', '-b', 8]
     res = run(data, tmp_path / 'a', *common, '--epochs', 2)
-    log = [json.loads(line) for line in open(tmp_path / 'a' / 'log.txt')]
+    log = [json.loads(line) for line in open(tmp_path / 'a' / 'log.jsonl')]
     init_lr = 3.0 * 8 / 256                                                     # ViT default lr 3
     assert [r['lr'] for r in log] == pytest.approx([init_lr, init_lr / 2])     # cosine per epoch
     assert log[0]['protocol'] == "the paper's protocol"
@@ -158,7 +158,7 @@ def test_vit_cached_features_and_knn(tmp_path):
     res = run(data, tmp_path / 'o', '--pretrained', tmp_path / 'vit.pth', '--cache-features', '--knn',
               '--epochs', 30, '-b', 8)
     assert res['knn_top1'] == 100.0          # colour clusters: each val image's neighbours share its class
-    log = [json.loads(line) for line in open(tmp_path / 'o' / 'log.txt')]
+    log = [json.loads(line) for line in open(tmp_path / 'o' / 'log.jsonl')]
     assert log[0]['protocol'] == tl.NOT_PAPER and log[0]['lr'] == 3.0 * 8 / 256   # ViT default lr 3
     assert log[-1]['val_loss'] < 0.5 * log[0]['val_loss'] and res['top1'] == 100.0
 
@@ -202,7 +202,7 @@ def test_two_processes_equal_one(tmp_path):
     b = torch.load(tmp_path / 'two' / 'checkpoint_last.pth', weights_only=True)['state_dict']
     for k in ('head.weight', 'head.bias'):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
-    logs = [[json.loads(line) for line in open(tmp_path / d / 'log.txt')] for d in ('one', 'two')]
+    logs = [[json.loads(line) for line in open(tmp_path / d / 'log.jsonl')] for d in ('one', 'two')]
     assert [r['val_loss'] for r in logs[0]] == pytest.approx([r['val_loss'] for r in logs[1]], rel=1e-5)
     assert one['top1'] == logs[1][-1]['val_top1']
 

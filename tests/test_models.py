@@ -216,9 +216,9 @@ def test_other_input_sizes():
     assert torch.allclose(m(x), big(x), atol=1e-6)  # sin-cos recomputed for the 8x8 grid == built for it
     learned = vit.VisionTransformer(pos_embed="learned", **kw).eval()
     assert learned(x).shape == (2, 32)
-    same = learned._pos_embed_for(4, 4)
+    same = learned.pos_embed_for(4, 4)
     assert same is learned.pos_embed
-    up = learned._pos_embed_for(8, 8)
+    up = learned.pos_embed_for(8, 8)
     assert up.shape == (1, 65, 32) and torch.equal(up[:, 0], learned.pos_embed[:, 0])
 
 
