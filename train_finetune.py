@@ -291,7 +291,7 @@ def main(args):
         raise SystemExit(f'error: --layer-decay is defined for ViTs only, not {arch}')
     model.to(device)
     lr = args.lr * args.batch_size / 512
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay), lr=lr, eps=args.opt_eps)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.layer_decay), lr=lr, eps=args.opt_eps, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.model_ema_decay), use_buffers=True) \
         if args.model_ema else None
