@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -144,6 +145,20 @@ def test_demo_dataset_is_deterministic(tmp_path, monkeypatch):
     assert tp.build_demo_dataset(root) == root                 # found: not generated again
     again = tp.build_demo_dataset(str(tmp_path / 'again'))
     assert open(os.path.join(again, 'train', 'star', '0001.png'), 'rb').read() == first
+
+
+def test_demo_images_carry_no_colour_cue():
+    """Black and white only (grey at anti-aliased edges), both ways round in every class: the colours can
+    neither classify an image nor tell it from the others, so what contrastive learning finds is shape."""
+    for name in tp.DEMO_CLASSES:
+        backgrounds = set()
+        for seed in range(12):
+            img = np.asarray(tp._demo_image(name, seed)).astype(int)
+            assert (img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all()   # grey levels
+            counts = np.bincount(img[..., 0].ravel(), minlength=256)
+            assert counts[0] + counts[255] > 0.7 * img[..., 0].size and counts[0] > 0 and counts[255] > 0
+            backgrounds.add(int(img[0, 0, 0]))                 # a corner: no shape reaches it
+        assert backgrounds == {0, 255}, name
 
 
 # ----------------------------------------------------------------------------- end to end
