@@ -14,7 +14,8 @@ Training mode: random tensors (no loading), `--warmup` untimed steps, then the m
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over one eager training step (forward +
 backward, no recomputation), and set against the device's own matmul peak, measured here in the same dtype.
 Data mode: the pretraining's two-crop augmentation of train_pretrain.py on generated JPEG/PNG files, one thread
-(= one DataLoader worker), decoded by torchvision.io (as training does) or by PIL with the same ops on PIL images.
+(= one DataLoader worker): train_pretrain's pipeline (PIL decode, torchvision v2 ops on PIL images, PIL's blur)
+against the same with torchvision's kernel blur, and against torchvision.io decoding with the ops on uint8 tensors.
 """
 import argparse
 import ast
@@ -365,6 +366,7 @@ def print_training(r):
 # ----------------------------------------------------------------------------- data mode
 def bench_data(args):
     """Images/s of one worker (one thread): decode + the two augmented crops of pretraining."""
+    import torchvision
     from PIL import Image
     from torchvision.transforms import v2 as T
     try:
@@ -376,14 +378,19 @@ def bench_data(args):
         raise SystemExit('error: --data-images must be >= 1')
     torch.set_num_threads(1)  # a DataLoader worker runs one thread
 
-    def on_pil(aug):  # the same ops on PIL images (PIL kernels), made tensors just before ToDtype + Normalize
-        ops = list(aug.transforms)
-        i = next(j for j, op in enumerate(ops) if isinstance(op, T.ToDtype))
-        return T.Compose(ops[:i] + [T.PILToTensor()] + ops[i:])
-    pipelines = {'torchvision.io decode + v2 on uint8 tensors (train_pretrain)':
-                 (tp.load_image, tp.TwoCrops(aug1, aug2)),
-                 'PIL decode + the same v2 ops on PIL images':
-                 (lambda p: Image.open(p).convert('RGB'), tp.TwoCrops(on_pil(aug1), on_pil(aug2)))}
+    def kernel_blur(aug):  # torchvision's blur (odd kernel ~10% of the crop, BYOL's 23 px at 224) in place of PIL's
+        k = int(0.1 * args.img_size) // 2 * 2 + 1
+        return T.Compose([T.RandomApply([T.GaussianBlur(k, sigma=op.transforms[0].sigma)], p=op.p)
+                          if isinstance(op, T.RandomApply) and isinstance(op.transforms[0], tp.GaussianBlur) else op
+                          for op in aug.transforms])
+
+    def decode_tensor(path):  # torchvision.io: file -> uint8 (3, H, W); the v2 ops then run on tensors
+        return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+    pipelines = {'PIL decode, v2 ops on PIL images, PIL blur (train_pretrain)': (tp.load_image, tp.TwoCrops(aug1, aug2)),
+                 'PIL decode, v2 ops on PIL images, torchvision kernel blur':
+                 (tp.load_image, tp.TwoCrops(kernel_blur(aug1), kernel_blur(aug2))),
+                 'torchvision.io decode, v2 ops on uint8 tensors (kernel blur)':
+                 (decode_tensor, tp.TwoCrops(kernel_blur(aug1), kernel_blur(aug2)))}
     w, h = args.data_src_size
     g = torch.Generator().manual_seed(0)
     res = dict(mode='data', format=args.data_format, src_size=[w, h], img_size=args.img_size,

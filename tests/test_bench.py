@@ -115,13 +115,14 @@ def test_json_has_documented_keys(capsys):
     assert out['grad_ckpt'] is True and out['flops_per_step'] == vit_step_flops_by_hand()  # model FLOPs
 
 
-def test_data_mode_measures_both_decoders(capsys):
+def test_data_mode_measures_the_pipelines(capsys):
     r = run(['--data', '--data-images', '2', '--img-size', '16', '--data-src-size', '40', '30', '--json'])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out == json.loads(json.dumps(r))
-    assert len(r['decode_per_s']) == len(r['decode_aug_per_s']) == 2 and r['threads'] == 1
+    assert len(r['decode_per_s']) == len(r['decode_aug_per_s']) == 3 and r['threads'] == 1
+    assert any('train_pretrain' in k for k in r['decode_per_s'])
     assert all(r['decode_per_s'][k] > 0 and r['decode_aug_per_s'][k] > 0 for k in r['decode_per_s'])
-    # the PIL variant of train_pretrain's augmentation yields what the model is fed: two float32 (3, S, S) crops
+    # every variant (PIL or tensor decoding, PIL or kernel blur) yields what the model is fed: two float32 crops
     assert all(c == [[[3, 16, 16], 'torch.float32']] * 2 for c in r['crops'].values())
 
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -113,8 +113,8 @@ def test_augmentations():
         assert jitter.p == 0.8 and (cj.brightness, cj.contrast, cj.saturation, cj.hue) == \
             ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
         assert t['RandomGrayscale'].p == 0.2
-        assert blur.p == blur_p and tuple(blur.transforms[0].kernel_size) == (23, 23)
-        assert list(blur.transforms[0].sigma) == [0.1, 2.0]
+        assert blur.p == blur_p and isinstance(blur.transforms[0], tp.GaussianBlur)
+        assert blur.transforms[0].sigma == (0.1, 2.0) and blur.transforms[0].scale == 1.0
         if solarize_p is None:
             assert 'RandomSolarize' not in t
         else:
@@ -122,9 +122,22 @@ def test_augmentations():
         assert t['RandomHorizontalFlip'].p == 0.5
         assert tuple(t['Normalize'].mean) == tp.IMAGENET_MEAN and tuple(t['Normalize'].std) == tp.IMAGENET_STD
     small = tp.pretrain_transforms(32, 0.2)[0].transforms[3].transforms[0]
-    assert tuple(small.kernel_size) == (3, 3)                         # ~10% of the image, odd
+    assert small.scale == 32 / 224                                    # the same blur relative to the crop
     x = tp.TwoCrops(aug1, aug2)(Image.new('RGB', (300, 200), (255, 0, 0)))
     assert [v.shape for v in x] == [(3, 224, 224)] * 2 and x[0].dtype == torch.float32
+
+
+def test_blur_is_pils_gaussian_with_sigma_from_torch_rng():
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 50, 3), dtype=np.uint8))
+    torch.manual_seed(3)
+    sigma = torch.empty(()).uniform_(0.1, 2.0).item()
+    torch.manual_seed(3)
+    out = tp.GaussianBlur((0.1, 2.0))(img)
+    assert out.size == img.size and 0.1 <= sigma <= 2.0
+    assert np.array_equal(np.asarray(out), np.asarray(img.filter(ImageFilter.GaussianBlur(radius=sigma))))
+    assert not np.array_equal(np.asarray(out), np.asarray(img))
+    half = tp.GaussianBlur((1.0, 1.0), scale=0.5)(img)               # scale multiplies sigma
+    assert np.array_equal(np.asarray(half), np.asarray(img.filter(ImageFilter.GaussianBlur(radius=0.5))))
 
 
 def test_knn_predict_by_hand():
