@@ -448,6 +448,8 @@ def main(args):
     iters = len(train_loader)
     if args.knn_data:                                          # labelled train/ and val/ for the kNN monitor
         knn_sets = [image_folder(os.path.join(args.knn_data, s), eval_transform(args.img_size)) for s in ('train', 'val')]
+        if knn_sets[0].classes != knn_sets[1].classes:                 # labels are indices into these lists
+            raise SystemExit(f'error: the classes of {args.knn_data}/val differ from those of {args.knn_data}/train')
         knn_loaders = [make_loader(s, 256, rank, world_size, args.workers, False, cuda, args.seed) for s in knn_sets]
 
     # ------------------------------------------------------------------------- model

@@ -290,6 +290,13 @@ def test_bad_data(data, tmp_path):
     (tmp_path / 'empty' / 'train' / 'cls').mkdir(parents=True)
     fails(args_for(str(tmp_path / 'empty'), tmp_path / 'o', *VIT), 'no images')
     fails(args_for(data, tmp_path / 'o', '-b', '64', *VIT), 'fewer than one batch')
+    import shutil
+    other = tmp_path / 'other'                                 # kNN labels index the class lists: they must agree
+    shutil.copytree(data, other)
+    shutil.rmtree(other / 'val' / 'disc')
+    args = args_for(data, tmp_path / 'o', *VIT)
+    args.knn_data = str(other)
+    fails(args, 'classes of')
 
 
 def test_unreadable_image_is_named(data, tmp_path):
