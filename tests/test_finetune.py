@@ -263,3 +263,22 @@ def test_cli_without_demo_checkpoint(tmp_path):
     assert r.returncode != 0 and 'Traceback' not in r.stderr
     assert r.stderr.strip().splitlines() == [
         'error: no demo checkpoint at output/pretrain/checkpoint_last.pth: run `python train_pretrain.py` first']
+
+
+def test_demo_flow_fine_tunes_checkpoint_and_random_init(files, tmp_path, monkeypatch, capsys):
+    """No DATA and no --pretrained: the demo checkpoint, then the same budget from random init; the preset fills
+    what the user did not give (here: no MixUp/CutMix/erasing), the user's flags win (--epochs, -b)."""
+    monkeypatch.setattr(ft, 'DEMO_CHECKPOINT', str(files / 'vit.pth'))
+    monkeypatch.setattr(ft, 'build_demo_dataset', lambda: str(files / 'data'))
+    args = ft.get_args_parser().parse_args(['--output-dir', str(tmp_path / 'out'), '-j', '0', '--epochs', '1',
+                                            '-b', '8'])
+    res = ft.main(args)
+    assert set(res) == {'pretrained', 'random_init'} and all('top1' in r for r in res.values())
+    tuned = torch.load(tmp_path / 'out' / 'checkpoint_last.pth', weights_only=True)
+    rand = torch.load(tmp_path / 'out' / 'random_init' / 'checkpoint_last.pth', weights_only=True)
+    assert tuned['epoch'] == rand['epoch'] == 1 and tuned['args']['batch_size'] == 8
+    assert (tuned['args']['mixup'], tuned['args']['cutmix'], tuned['args']['reprob']) == (0.0, 0.0, 0.0)
+    assert tuned['args']['lr'] == rand['args']['lr'] == ft.DEMO_PRESET['lr']
+    assert tuned['args']['pretrained'] == rand['args']['pretrained'] == str(files / 'vit.pth')
+    assert not tuned['args']['random_init'] and rand['args']['random_init']
+    assert capsys.readouterr().out.splitlines()[-1].startswith('demo fine-tuned top-1: ')
