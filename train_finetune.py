@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 import moco
 import vit
-from train_linear import evaluate
-from train_pretrain import IMAGENET_MEAN, IMAGENET_STD, build_demo_dataset, init_distributed, save_atomic
+from train_linear import evaluate, setup_run
+from train_pretrain import IMAGENET_MEAN, IMAGENET_STD, build_demo_dataset, check_same_classes, save_atomic
 
 DEMO_CHECKPOINT = 'output/pretrain/checkpoint_last.pth'
 # The demo: 5 epochs on 5000 images of 32 px, about 100 s per run on 2 CPU cores. DeiT's MixUp/CutMix, random
@@ -240,15 +240,7 @@ def load_resume(path):
 def main(args):
     if args.data is None and args.pretrained is None and not args.resume:
         return demo(args)
-    rank, world, local_rank, device = init_distributed()
-    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[args.dtype]
-    amp_dtype = amp_dtype if device.type == 'cuda' else None                   # bf16 on a CPU is ~400x slower
-    say = print if rank == 0 else (lambda *a, **k: None)
-    if args.batch_size % world:
-        raise SystemExit(f'error: batch {args.batch_size} is not divisible by {world} processes')
-    if args.resume == 'auto':
-        last = os.path.join(args.output_dir, 'checkpoint_last.pth')
-        args.resume = last if os.path.isfile(last) else ''
+    rank, world, local_rank, device, amp_dtype, say = setup_run(args)
     resume = load_resume(args.resume) if args.resume else None
     if args.data is None:
         args.data = build_demo_dataset()
@@ -267,8 +259,7 @@ def main(args):
         val_set = datasets.ImageFolder(os.path.join(args.data, 'val'), eval_transform(args.img_size))
     except (FileNotFoundError, OSError) as e:
         raise SystemExit(f'error: {e}')
-    if val_set.classes != train_set.classes:
-        raise SystemExit(f'error: the classes of {args.data}/val differ from those of {args.data}/train')
+    check_same_classes(train_set, val_set, args.data)
     num_classes, per_rank = len(train_set.classes), args.batch_size // world
     if len(train_set) < args.batch_size:
         raise SystemExit(f'error: batch {args.batch_size} is larger than the {len(train_set)} training images')

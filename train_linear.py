@@ -21,8 +21,8 @@ from torchvision import datasets, transforms
 from tqdm import tqdm
 
 import moco
-from train_pretrain import (IMAGENET_MEAN, IMAGENET_STD, build_demo_dataset, extract_features, init_distributed,
-                            knn_predict, save_atomic)
+from train_pretrain import (IMAGENET_MEAN, IMAGENET_STD, build_demo_dataset, check_same_classes, extract_features,
+                            init_distributed, knn_predict, save_atomic)
 
 DEMO_CHECKPOINT = 'output/pretrain/checkpoint_last.pth'
 NOT_PAPER = 'cached features: not the paper\'s protocol'
@@ -178,10 +178,10 @@ def lr_at(epoch, init_lr, epochs):
 
 
 # ----------------------------------------------------------------------------- the run
-def main(args):
-    if args.data is None and not (args.pretrained or args.resume):
-        return demo(args)
-    rank, world, _, device = init_distributed()
+def setup_run(args):
+    """The start of train_linear.py and train_finetune.py: processes (torchrun or one), the autocast dtype (CUDA
+    only), a print for rank 0, the batch check, --resume auto -> (rank, world, local_rank, device, amp_dtype, say)."""
+    rank, world, local_rank, device = init_distributed()
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[args.dtype]
     amp_dtype = amp_dtype if device.type == 'cuda' else None                   # bf16 on a CPU is ~400x slower
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -190,6 +190,13 @@ def main(args):
     if args.resume == 'auto':
         last = os.path.join(args.output_dir, 'checkpoint_last.pth')
         args.resume = last if os.path.isfile(last) else ''
+    return rank, world, local_rank, device, amp_dtype, say
+
+
+def main(args):
+    if args.data is None and not (args.pretrained or args.resume):
+        return demo(args)
+    rank, world, _, device, amp_dtype, say = setup_run(args)
     resume = load_checkpoint(args.resume, '--resume') if args.resume else None
     if resume is not None and 'best_acc1' not in resume:
         raise SystemExit(f'error: {args.resume} is no checkpoint of train_linear.py '
@@ -224,8 +231,7 @@ def main(args):
         val_set = datasets.ImageFolder(os.path.join(args.data, 'val'), eval_tf)
     except (FileNotFoundError, OSError) as e:
         raise SystemExit(f'error: {e}')
-    if val_set.classes != train_set.classes:
-        raise SystemExit(f'error: the classes of {args.data}/val differ from those of {args.data}/train')
+    check_same_classes(train_set, val_set, args.data)
     num_classes, per_rank = len(train_set.classes), args.batch_size // world
 
     def loader(ds, shuffle):   # DistributedSampler also with 1 process: set_epoch makes every epoch reproducible

@@ -304,6 +304,12 @@ def image_folder(root, transform):
         raise SystemExit(f'error: no images in {root}: {e}') from None
 
 
+def check_same_classes(train_set, val_set, root):
+    """Labels are indices into each ImageFolder's sorted class list: root/train and root/val must list the same."""
+    if val_set.classes != train_set.classes:
+        raise SystemExit(f'error: the classes of {root}/val differ from those of {root}/train')
+
+
 def make_loader(dataset, batch_size, rank, world_size, workers, train, pin_memory, seed):
     """Each process reads its own shard (DistributedSampler, also for one process: one code path).
     Training shuffles by (seed, epoch) and drops the ragged end; evaluation keeps dataset order."""
@@ -448,8 +454,7 @@ def main(args):
     iters = len(train_loader)
     if args.knn_data:                                          # labelled train/ and val/ for the kNN monitor
         knn_sets = [image_folder(os.path.join(args.knn_data, s), eval_transform(args.img_size)) for s in ('train', 'val')]
-        if knn_sets[0].classes != knn_sets[1].classes:                 # labels are indices into these lists
-            raise SystemExit(f'error: the classes of {args.knn_data}/val differ from those of {args.knn_data}/train')
+        check_same_classes(*knn_sets, args.knn_data)
         knn_loaders = [make_loader(s, 256, rank, world_size, args.workers, False, cuda, args.seed) for s in knn_sets]
 
     # ------------------------------------------------------------------------- model
