@@ -1,28 +1,34 @@
 """Speed and memory of MoCo v3 pretraining (Chen, Xie, He, ICCV 2021, Algorithm 1) on synthetic data.
 
-    python bench.py --arch vit_small -b 8                     # CPU fp32: ViT-S/16, 224 px, batch 8
-    python bench.py --arch vit_base -b 128 --dtype bf16       # one GPU (cuda when present)
-    python bench.py --arch resnet50 -b 8 --channels-last      # ResNet-50, NHWC convolutions
-    python bench.py --data                                    # the data pipeline, images/s per worker
-    python bench.py ... --compare-optimizers --json           # + AdamW/LARS/LAMB step times, JSON output
+    python bench.py --arch vit_small -b 8                 # CPU fp32: ViT-S/16, 224 px, batch 8
+    python bench.py --arch vit_base -b 128 --dtype bf16   # one GPU (cuda when present)
+    python bench.py --arch resnet50 -b 8 --channels-last  # ResNet-50, NHWC convolutions
+    python bench.py --data                                # the data pipeline, images/s per worker
+    python bench.py ... --compare-optimizers --json       # + AdamW/LARS/LAMB step times; JSON
 
-Training mode: random tensors (no loading), `--warmup` untimed steps, then the median of `--steps` timed ones of
+Training mode: random tensors (no loading), `--warmup` untimed steps, then the median of `--steps`
+timed ones of
   * the real step `model(x1, x2, m)` + backward + optimizer step: the headline images/s;
-  * the same step cut into phases with MoCo's own pieces (`update_momentum_encoder`, `encode`, `predictor`,
-    `contrastive_loss`), synchronised between phases on CUDA: momentum update, query forward (base encoder +
-    predictor, both crops), momentum forward (no grad), loss, backward, optimizer.
-FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over one eager training step (forward +
-backward, no recomputation), and set against the device's own matmul peak, measured here in the same dtype.
-Data mode: the pretraining's two-crop augmentation of train_pretrain.py on generated JPEG/PNG files, one thread
-(= one DataLoader worker): train_pretrain's pipeline (PIL decode, torchvision v2 ops on PIL images, PIL's blur)
-against the same with torchvision's kernel blur, and against torchvision.io decoding with the ops on uint8 tensors.
+  * the same step cut into phases with MoCo's own pieces (`update_momentum_encoder`, `encode`,
+    `predictor`, `contrastive_loss`), synchronised between phases on CUDA: momentum update, query
+    forward (base encoder + predictor, both crops), momentum forward (no grad), loss, backward,
+    optimizer.
+FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over one eager training step
+(forward + backward, no recomputation), and set against the device's own matmul peak, measured
+here in the same dtype.
+Data mode: the pretraining's two-crop augmentation (augment.py) on generated JPEG/PNG files, one
+thread (= one DataLoader worker): the training pipeline (PIL decode, torchvision v2 ops on PIL
+images, PIL's blur) against the same with torchvision's kernel blur, and against torchvision.io
+decoding with the ops on uint8 tensors.
 """
 import argparse
 import ast
+import contextlib
 import json
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 
@@ -30,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import augment
+import data
 import moco
 import vit
 from lars_lamb import LAMB, LARS
@@ -42,54 +50,64 @@ def get_args_parser():
     p = argparse.ArgumentParser('MoCo v3 benchmark', description=__doc__.split('\n')[0])
     g = p.add_argument_group('model')
     g.add_argument('--arch', default='vit_small', help='one of: ' + ', '.join(moco.ARCHS))
-    g.add_argument('-b', '--batch-size', type=int, default=8, help='images per step (each gives two crops)')
+    g.add_argument('-b', '--batch-size', type=int, default=8, help='images per step (2 crops each)')
     g.add_argument('--img-size', type=int, default=224)
-    g.add_argument('--patch-size', type=int, default=None, help='ViT patch size (default: the arch\'s, 16)')
+    g.add_argument('--patch-size', type=int, help="ViT patch size (default: the arch's, 16)")
     g.add_argument('--moco-dim', type=int, default=256)
     g.add_argument('--moco-mlp-dim', type=int, default=4096)
     g.add_argument('--kw', action='append', default=[], metavar='KEY=VALUE',
-                   help='extra backbone argument, e.g. --kw depth=2 --kw embed_dim=64 (tiny configs)')
+                   help='extra backbone argument, e.g. --kw depth=2 --kw embed_dim=64 '
+                        '(tiny configs)')
     g = p.add_argument_group('speed levers')
     g.add_argument('--device', default=None, help='cpu or cuda[:i] (default: cuda when present)')
-    g.add_argument('--dtype', choices=DTYPES, default=None, help='autocast dtype; CUDA only (default bf16 there)')
+    g.add_argument('--dtype', choices=DTYPES, help='autocast dtype; CUDA only (default bf16 there)')
     g.add_argument('--optimizer', choices=('adamw', 'lars', 'lamb'), default='adamw',
-                   help='AdamW is fused, LARS / LAMB use their multi-tensor path')
-    g.add_argument('--compile', action='store_true', help='torch.compile base/momentum encoder and predictor')
-    g.add_argument('--grad-ckpt', action='store_true', help='activation checkpointing of every ViT block')
-    g.add_argument('--channels-last', action='store_true', help='NHWC memory format (ResNet convolutions)')
-    g.add_argument('--no-concat-crops', action='store_true', help='ViT: one backbone pass per crop (ablation)')
+                   help="train_pretrain.py's: torch's AdamW (foreach), LARS / LAMB of lars_lamb.py")
+    g.add_argument('--compile', action='store_true', help='torch.compile both encoders, predictor')
+    g.add_argument('--grad-ckpt', action='store_true',
+                   help='activation checkpointing of every ViT block')
+    g.add_argument('--channels-last', action='store_true', help='NHWC memory format (ResNet convs)')
+    g.add_argument('--no-concat-crops', action='store_true',
+                   help='ViT: one backbone pass per crop (ablation)')
     g.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
     g = p.add_argument_group('measurement')
     g.add_argument('--warmup', type=int, default=2)
     g.add_argument('--steps', type=int, default=5, help='timed steps; the median is reported')
-    g.add_argument('--peak-n', type=int, default=None, help='matmul size for the peak (4096 CUDA, 2048 CPU)')
+    g.add_argument('--peak-n', type=int, help='matmul size for the peak (4096 CUDA, 2048 CPU)')
     g.add_argument('--compare-optimizers', action='store_true',
-                   help='also time AdamW (loop / foreach / fused), LARS and LAMB (loop / foreach) steps')
+                   help='also time AdamW (loop / foreach / fused), LARS and LAMB steps')
     g.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
     g = p.add_argument_group('data pipeline mode')
-    g.add_argument('--data', action='store_true', help='measure decoding + two-crop augmentation instead')
+    g.add_argument('--data', action='store_true', help='time decoding + two-crop augmentation')
     g.add_argument('--data-format', choices=('jpeg', 'png'), default='jpeg')
-    g.add_argument('--data-images', type=int, default=32, help='generated files, each read once per pass')
+    g.add_argument('--data-images', type=int, default=32, help='generated files, read once a pass')
     g.add_argument('--data-src-size', type=int, nargs=2, default=(500, 375), metavar=('W', 'H'),
                    help='size of the generated files (ImageNet\'s typical 500 x 375)')
     return p
 
 
-def sync(device):
+@contextlib.contextmanager
+def clock(device, times, cpu_times=None):
+    """Appends the with-block's wall-clock seconds (device work included) to `times`, its process
+    CPU seconds to a list `cpu_times`: on a shared CPU they count only our time, not the waits."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
-
-
-def timed(fn, device, cpu_time=None):
-    """Wall-clock seconds that fn() takes, device work included. With a list `cpu_time`, the process's CPU
-    seconds are appended to it: on a CPU shared with other jobs they count only the time we ran, not the waits."""
-    sync(device)
     t, c = time.perf_counter(), time.process_time()
-    fn()
-    sync(device)
-    if cpu_time is not None:
-        cpu_time.append(time.process_time() - c)
-    return time.perf_counter() - t
+    yield
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    if cpu_times is not None:
+        cpu_times.append(time.process_time() - c)
+    times.append(time.perf_counter() - t)
+
+
+def timed(fn, device, n=1, cpu_times=None):
+    """The seconds of each of n calls of fn(), as `clock` measures them."""
+    times = []
+    for _ in range(n):
+        with clock(device, times, cpu_times):
+            fn()
+    return times
 
 
 def median_ms(times):
@@ -97,91 +115,75 @@ def median_ms(times):
 
 
 # ----------------------------------------------------------------------------- FLOPs and peak
-def _attention_flops(q_shape, k_shape, v_shape, backward=False):
-    """softmax(q k^T) v: two (or, backward, four) batched matmuls of 2 * b h s_q s_k d FLOPs each. Model FLOPs:
-    the forward's scores recomputed by flash backward kernels are not counted, as MFU (Chowdhery et al.,
-    PaLM, App. B) counts work the model needs, not work a kernel chooses to redo."""
-    b, h, s_q, d = q_shape
-    s_k, d_v = k_shape[2], v_shape[3]
-    fwd = 2 * b * h * s_q * s_k * (d + d_v)
-    return 2 * fwd if backward else fwd
+def attention_flops(q, k, v, *args, out_shape=None, **kwargs):
+    """softmax(q k^T) v from (b, h, s, d) shapes: 2 (backward: 4) batched matmuls of 2 b h s_q s_k d
+    FLOPs. Model FLOPs: scores that flash backward kernels recompute are not counted, as MFU
+    (Chowdhery et al., PaLM, App. B) counts work the model needs, not work a kernel redoes."""
+    b, h, s_q, d = q
+    return 2 * b * h * s_q * k[2] * (d + v[3])
 
 
-def _fwd(q, k, v, *args, out_shape=None, **kwargs):
-    return _attention_flops(q, k, v)
-
-
-def _bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
-    return _attention_flops(q, k, v, backward=True)
-
-
-aten = torch.ops.aten
-# FlopCounterMode knows the CUDA attention kernels but not the CPU one (torch 2.14 counts 0 FLOPs for it),
-# and counts a recomputation in the CUDA backward; one formula for every kernel keeps CPU and CUDA comparable.
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one (torch 2.14 counts 0 FLOPs
+# for it), and counts a recomputation in the CUDA backward; one formula for every kernel keeps CPU
+# and CUDA comparable. A backward kernel's arguments are (grad_out, q, k, v, ...).
 ATTENTION_FLOPS = {}
-for kernel in ('flash_attention_for_cpu', 'flash_attention', 'efficient_attention', 'cudnn_attention'):
-    if hasattr(aten, f'_scaled_dot_product_{kernel}'):  # not every kernel exists in every torch version
-        ATTENTION_FLOPS[getattr(aten, f'_scaled_dot_product_{kernel}')] = _fwd
-        ATTENTION_FLOPS[getattr(aten, f'_scaled_dot_product_{kernel}_backward')] = _bwd
-
-
-def count_step_flops(model, x1, x2, m, amp):
-    """Matmul / conv FLOPs of one training step (forward + backward, both crops, both encoders, the loss)."""
-    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
-        with amp:
-            loss = model(x1, x2, m)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+for kernel in ('flash_attention_for_cpu', 'flash_attention', 'efficient_attention',
+               'cudnn_attention'):
+    name = f'_scaled_dot_product_{kernel}'
+    if hasattr(torch.ops.aten, name):  # not every kernel exists in every torch version
+        ATTENTION_FLOPS[getattr(torch.ops.aten, name)] = attention_flops
+        ATTENTION_FLOPS[getattr(torch.ops.aten, name + '_backward')] = (
+            lambda grad_out, *shapes, **kwargs: 2 * attention_flops(*shapes, **kwargs))
 
 
 def matmul_peak(device, dtype, n, reps=5):
-    """Best FLOP/s of an n x n x n matmul in `dtype` over `reps` runs: the roofline bench measures against.
-    Returns (by wall clock, by process CPU time / threads)."""
+    """Best FLOP/s of an n x n x n matmul in `dtype` over `reps` runs: the roofline bench measures
+    against. Returns (by wall clock, by process CPU time / threads)."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     c = torch.mm(a, b)  # warm up the kernel choice and thread pool
     cpu = []
-    best = min(timed(lambda: torch.mm(a, b, out=c), device, cpu) for _ in range(reps))
+    best = min(timed(lambda: torch.mm(a, b, out=c), device, reps, cpu))
     return 2 * n ** 3 / best, 2 * n ** 3 / (min(cpu) / torch.get_num_threads())
 
 
 # ----------------------------------------------------------------------------- levers
 def enable_grad_ckpt(backbone):
-    """Activation checkpointing of each ViT block through vit.py's own switch: activations are recomputed in
-    backward instead of stored, ~1/3 more compute for a much smaller footprint; no-op under no_grad."""
+    """Activation checkpointing of each ViT block (vit.py's switch): recomputed in backward, not
+    stored, ~1/3 more compute for a much smaller footprint; no-op under no_grad."""
     if not isinstance(backbone, vit.VisionTransformer):
-        raise SystemExit('error: --grad-ckpt checkpoints ViT blocks; it is not implemented for ResNets')
+        raise ValueError('--grad-ckpt checkpoints ViT blocks; it is not implemented for ResNets')
     backbone.grad_ckpt = True
 
 
 def optimizer_variants():
-    """name -> factory(params) of every optimizer implementation bench compares (--compare-optimizers)."""
+    """name -> factory(params) of every optimizer implementation --compare-optimizers times."""
     adamw = lambda **kw: lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1, **kw)
-    lars = lambda fe: lambda ps: LARS(ps, lr=1e-3, weight_decay=1e-6, momentum=0.9, foreach=fe)
-    lamb = lambda fe: lambda ps: LAMB(ps, lr=1e-4, weight_decay=0.1, foreach=fe)
-    return {'adamw loop': adamw(foreach=False), 'adamw foreach': adamw(foreach=True), 'adamw fused': adamw(fused=True),
-            'lars loop': lars(False), 'lars foreach': lars(True), 'lamb loop': lamb(False), 'lamb foreach': lamb(True)}
+    lars = lambda ps: LARS(ps, lr=1e-3, weight_decay=1e-6, momentum=0.9)  # noqa: E731
+    lamb = lambda ps: LAMB(ps, lr=1e-4, weight_decay=0.1)  # noqa: E731
+    return {'adamw loop': adamw(foreach=False), 'adamw foreach': adamw(foreach=True),
+            'adamw fused': adamw(fused=True), 'lars': lars, 'lamb': lamb}
 
 
-# the implementation each --optimizer uses in the timed steps
-OPTIMIZER_IMPL = {'adamw': 'adamw fused', 'lars': 'lars foreach', 'lamb': 'lamb foreach'}
+# the implementation each --optimizer uses in the timed steps: what train_pretrain.py runs
+OPTIMIZER_IMPL = {'adamw': 'adamw foreach', 'lars': 'lars', 'lamb': 'lamb'}
 
 
 def momentum_update_variants(model, m):
-    """Baselines for moco.py's update, timed only: the official per-tensor loop (the same bits as moco.py), and
-    one multi-tensor lerp, theta_k + (1 - m)(theta_q - theta_k): fewer memory passes, not the same bits."""
-    pairs = list(zip(model.momentum_encoder.parameters(), model.base_encoder.parameters()))
+    """moco.py's update (the official per-tensor loop) against multi-tensor kernels, timed only:
+    the same arithmetic in a few launches (what moco.py used before: kept out, it saved < 5% of a
+    step), and one lerp, theta_k + (1 - m)(theta_q - theta_k): fewer passes, not the same bits."""
+    ks, qs = list(model.momentum_encoder.parameters()), list(model.base_encoder.parameters())
 
     @torch.no_grad()
-    def official():
-        for pk, pq in pairs:
-            pk.data = pk.data * m + pq.data * (1.0 - m)
+    def multi_tensor():
+        torch._foreach_mul_(ks, m)
+        torch._foreach_add_(ks, torch._foreach_mul(qs, 1.0 - m))
 
     @torch.no_grad()
     def lerp():
-        torch._foreach_lerp_([k for k, _ in pairs], [q for _, q in pairs], 1.0 - m)
-    return {'foreach (moco.py)': lambda: model.update_momentum_encoder(m), 'loop (official)': official,
-            'foreach lerp (other rounding)': lerp}
+        torch._foreach_lerp_(ks, qs, 1.0 - m)
+    return {'loop (moco.py, official)': lambda: model.update_momentum_encoder(m),
+            'multi-tensor (same bits)': multi_tensor, 'multi-tensor lerp (other rounding)': lerp}
 
 
 # ----------------------------------------------------------------------------- training mode
@@ -189,16 +191,18 @@ def bench_training(args):
     try:
         device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     except RuntimeError:
-        raise SystemExit(f'error: unknown --device {args.device!r} (cpu, cuda or cuda:i)') from None
-    if device.type not in ('cpu', 'cuda') or (device.type == 'cuda' and not torch.cuda.is_available()):
-        raise SystemExit(f'error: --device {device} is not available here (cpu, or cuda when present)')
-    dtype_name = args.dtype or ('bf16' if device.type == 'cuda' else 'fp32')
-    if device.type == 'cpu' and dtype_name != 'fp32':
-        raise SystemExit(f'error: --dtype {dtype_name} is CUDA only; the CPU runs fp32 (autocast there is slow)')
+        raise ValueError(f'unknown --device {args.device!r} (cpu, cuda or cuda:i)') from None
+    cuda = device.type == 'cuda'
+    if device.type not in ('cpu', 'cuda') or (cuda and not torch.cuda.is_available()):
+        raise ValueError(f'--device {device} is not available here (cpu, or cuda when present)')
+    dtype_name = args.dtype or ('bf16' if cuda else 'fp32')
+    if not cuda and dtype_name != 'fp32':
+        raise ValueError(f'--dtype {dtype_name} is CUDA only; '
+                         'the CPU runs fp32 (autocast there is slow)')
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        raise SystemExit('error: --batch-size and --steps must be >= 1, --warmup >= 0')
+        raise ValueError('--batch-size and --steps must be >= 1, --warmup >= 0')
     if args.grad_ckpt and args.arch not in vit.ARCHS:
-        raise SystemExit('error: --grad-ckpt checkpoints ViT blocks; it is not implemented for ResNets')
+        raise ValueError('--grad-ckpt checkpoints ViT blocks; it is not implemented for ResNets')
     if args.threads:
         torch.set_num_threads(args.threads)
     amp_dtype = DTYPES[dtype_name]
@@ -206,10 +210,10 @@ def bench_training(args):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == 'fp16')
 
     kwargs = {}
-    for item in args.kw:
+    for item in args.kw:  # Python literals, else strings
         key, sep, value = item.partition('=')
         if not sep:
-            raise SystemExit(f'error: --kw expects KEY=VALUE, got {item!r}')
+            raise ValueError(f'--kw expects KEY=VALUE, got {item!r}')
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -219,20 +223,26 @@ def bench_training(args):
         if args.patch_size:
             kwargs.setdefault('patch_size', args.patch_size)
     try:
-        model = moco.build_moco(args.arch, args.moco_dim, args.moco_mlp_dim, T=0.2, **kwargs).to(device)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f'error: {e}') from None
+        model = moco.build_moco(args.arch, args.moco_dim, args.moco_mlp_dim, T=0.2, **kwargs)
+    except TypeError as e:                        # a --kw the backbone does not take
+        raise ValueError(str(e)) from None
     if args.no_concat_crops:
         model.concat_crops = False
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = model.to(device).to(memory_format=fmt)
     g = torch.Generator().manual_seed(0)
     x1, x2 = (torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g)
               .to(device, memory_format=fmt) for _ in range(2))
     m, B = 0.99, args.batch_size
 
-    flops_step = count_step_flops(model, x1, x2, m, amp())  # eager, before checkpointing and compiling
-    peak_n = args.peak_n or (4096 if device.type == 'cuda' else 2048)
+    # matmul / conv FLOPs of one eager step (before checkpointing and compiling), fwd + bwd
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+        with amp():
+            loss = model(x1, x2, m)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    flops_step = counter.get_total_flops()
+    peak_n = args.peak_n or (4096 if cuda else 2048)
     peak, peak_cpu = matmul_peak(device, amp_dtype, peak_n)
     if args.grad_ckpt:
         enable_grad_ckpt(model.base_encoder)
@@ -241,7 +251,7 @@ def bench_training(args):
             mod.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer_variants()[OPTIMIZER_IMPL[args.optimizer]](params)
-    if device.type == 'cuda':
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
     def step():  # what train_pretrain.py does each iteration
@@ -252,96 +262,85 @@ def bench_training(args):
         scaler.step(opt)
         scaler.update()
 
-    def split_step():  # the same computation as MoCo.forward + step(), timed piece by piece
-        t = {}
-        t['momentum_update'] = timed(lambda: model.update_momentum_encoder(m), device)
-        out = {}
-
-        def query():
-            with amp():
-                out['q'] = [model.predictor(z) for z in model.encode(model.base_encoder, x1, x2)]
-
-        def keys():
-            with torch.no_grad(), amp():
-                out['k'] = model.encode(model.momentum_encoder, x1, x2)
-
-        def loss():
-            with amp():
-                (q1, q2), (k1, k2) = out['q'], out['k']
-                out['loss'] = moco.contrastive_loss(q1, k2, model.T) + moco.contrastive_loss(q2, k1, model.T)
-
-        def backward():
+    def split_step(t):  # the same as MoCo.forward + step(), phase k's seconds appended to t[k]
+        with clock(device, t['momentum_update']):
+            model.update_momentum_encoder(m)
+        with clock(device, t['query_forward']), amp():
+            q1, q2 = [model.predictor(z) for z in model.encode(model.base_encoder, x1, x2)]
+        with clock(device, t['momentum_forward']), torch.no_grad(), amp():
+            k1, k2 = model.encode(model.momentum_encoder, x1, x2)
+        with clock(device, t['loss']), amp():
+            loss = moco.contrastive_loss(q1, k2, model.T) + moco.contrastive_loss(q2, k1, model.T)
+        with clock(device, t['backward']):
             opt.zero_grad(set_to_none=True)
-            scaler.scale(out['loss']).backward()
-
-        def optimizer():
+            scaler.scale(loss).backward()
+        with clock(device, t['optimizer']):
             scaler.step(opt)
             scaler.update()
-        for name, fn in (('query_forward', query), ('momentum_forward', keys), ('loss', loss),
-                         ('backward', backward), ('optimizer', optimizer)):
-            t[name] = timed(fn, device)
-        return t
 
-    first = timed(step, device)  # includes compilation with --compile
+    first, = timed(step, device)  # includes compilation with --compile
     for _ in range(max(args.warmup - 1, 0)):
         step()
     step_cpu = []
-    step_times = [timed(step, device, step_cpu) for _ in range(args.steps)]
+    step_ms = median_ms(timed(step, device, args.steps, step_cpu))
+    warm, splits = ({k: [] for k in PHASES} for _ in range(2))
     for _ in range(min(args.warmup, 1)):
-        split_step()
-    splits = [split_step() for _ in range(args.steps)]
-    step_ms = median_ms(step_times)
-    peak2, peak_cpu2 = matmul_peak(device, amp_dtype, peak_n)  # again after the steps: the best of both
+        split_step(warm)
+    for _ in range(args.steps):
+        split_step(splits)
+    phases = {k: median_ms(splits[k]) for k in PHASES}
+    # again after the steps: the best of both
+    peak2, peak_cpu2 = matmul_peak(device, amp_dtype, peak_n)
     peak, peak_cpu = max(peak, peak2), max(peak_cpu, peak_cpu2)
-    # CPU only: the same ratio from CPU seconds (step and peak alike, per thread), which a busy machine
-    # distorts far less than wall-clock time; on CUDA process time says nothing about the device
+    # CPU only: the same ratio from CPU seconds (step and peak alike, per thread), which a busy
+    # machine distorts far less than wall-clock time; on CUDA process time says nothing
     mfu_cpu_time = (flops_step / (statistics.median(step_cpu) / torch.get_num_threads()) / peak_cpu
-                    if device.type == 'cpu' else None)
-    phases = {k: median_ms([s[k] for s in splits]) for k in PHASES}
-
-    if device.type == 'cuda':
+                    if not cuda else None)
+    if cuda:
         mem, mem_kind = torch.cuda.max_memory_allocated(device), 'cuda max_memory_allocated'
-    else:  # Linux reports KiB: the whole process's high-water mark (weights, activations, allocator, python)
-        mem, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process peak RSS (CPU)'
-    n_params = sum(p.numel() for p in params)
-    res = dict(mode='train', arch=args.arch, backbone_kwargs=kwargs, batch_size=B, img_size=args.img_size,
-               dtype=dtype_name, device=str(device), device_name=(torch.cuda.get_device_name(device)
-                                                                  if device.type == 'cuda' else 'cpu'),
-               threads=torch.get_num_threads(), load_avg=list(os.getloadavg()), optimizer=args.optimizer,
-               compile=args.compile, grad_ckpt=args.grad_ckpt, channels_last=args.channels_last,
-               optimizer_impl=OPTIMIZER_IMPL[args.optimizer], concat_crops=model.concat_crops,
-               trainable_params=n_params,
-               images_per_s=B / (step_ms / 1e3), step_ms=step_ms, phases_ms=phases,
-               phases_total_ms=sum(phases.values()),
-               update_and_optimizer_share=(phases['momentum_update'] + phases['optimizer']) / sum(phases.values()),
-               compile_s=(first - step_ms / 1e3) if args.compile else None,
+    else:  # Linux reports KiB: the process's high-water mark (weights, activations, allocator...)
+        mem, mem_kind = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                         'process peak RSS (CPU)')
+    step_s, total = step_ms / 1e3, sum(phases.values())
+    res = dict(mode='train', arch=args.arch, backbone_kwargs=kwargs, batch_size=B,
+               img_size=args.img_size, dtype=dtype_name, device=str(device),
+               device_name=torch.cuda.get_device_name(device) if cuda else 'cpu',
+               threads=torch.get_num_threads(), load_avg=list(os.getloadavg()),
+               optimizer=args.optimizer, compile=args.compile, grad_ckpt=args.grad_ckpt,
+               channels_last=args.channels_last, optimizer_impl=OPTIMIZER_IMPL[args.optimizer],
+               concat_crops=model.concat_crops, trainable_params=sum(p.numel() for p in params),
+               images_per_s=B / step_s, step_ms=step_ms, phases_ms=phases, phases_total_ms=total,
+               update_and_optimizer_share=(phases['momentum_update'] + phases['optimizer']) / total,
+               compile_s=(first - step_s) if args.compile else None,
                flops_per_step=flops_step, flops_per_image=flops_step / B,
-               achieved_flops_per_s=flops_step / (step_ms / 1e3), peak_matmul_flops_per_s=peak,
-               peak_matmul_n=peak_n, mfu=flops_step / (step_ms / 1e3) / peak, mfu_cpu_time=mfu_cpu_time,
+               achieved_flops_per_s=flops_step / step_s, peak_matmul_flops_per_s=peak,
+               peak_matmul_n=peak_n, mfu=flops_step / step_s / peak, mfu_cpu_time=mfu_cpu_time,
                peak_memory_bytes=mem, peak_memory_kind=mem_kind)
 
-    # Momentum update and optimizer steps, alone: the multi-tensor / fused kernels against per-tensor loops.
-    res['momentum_update_ms'] = {name: median_ms([timed(fn, device) for _ in range(args.steps)])
+    # Momentum update and optimizer steps alone: multi-tensor / fused kernels against loops
+    res['momentum_update_ms'] = {name: median_ms(timed(fn, device, args.steps))
                                  for name, fn in momentum_update_variants(model, m).items()}
     if args.compare_optimizers:
         del opt
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
-        res['optimizer_ms'] = {}
-        for name, make in optimizer_variants().items():
-            o = make(params)
+
+        def optimizer_ms(o):
             o.step()  # creates the state
-            res['optimizer_ms'][name] = median_ms([timed(o.step, device) for _ in range(args.steps)])
-            del o
+            return median_ms(timed(o.step, device, args.steps))
+        res['optimizer_ms'] = {name: optimizer_ms(make(params))
+                               for name, make in optimizer_variants().items()}
     return res
 
 
 def print_training(r):
     gb, g = 2 ** 30, 1e9
-    levers = [k for k in ('compile', 'grad_ckpt', 'channels_last') if r[k]] + ['concat crops'] * r['concat_crops']
-    print(f"{r['arch']} {r['backbone_kwargs']} | batch {r['batch_size']} x 2 crops, {r['img_size']} px | "
-          f"{r['dtype']} on {r['device_name']} ({r['threads']} threads, load {r['load_avg'][0]:.2f}) | "
-          f"{r['optimizer']} | {', '.join(levers) or 'no levers'} | {r['trainable_params'] / 1e6:.1f} M params")
+    levers = ([k for k in ('compile', 'grad_ckpt', 'channels_last') if r[k]]
+              + ['concat crops'] * r['concat_crops'])
+    print(f"{r['arch']} {r['backbone_kwargs']} | batch {r['batch_size']} x 2 crops, "
+          f"{r['img_size']} px | {r['dtype']} on {r['device_name']} "
+          f"({r['threads']} threads, load {r['load_avg'][0]:.2f}) | {r['optimizer']} | "
+          f"{', '.join(levers) or 'no levers'} | {r['trainable_params'] / 1e6:.1f} M params")
     print(f"{'step (model(x1, x2, m) + backward + optimizer)':<48} {r['step_ms']:10.1f} ms  "
           f"{r['images_per_s']:8.1f} images/s")
     for k, v in r['phases_ms'].items():
@@ -358,7 +357,8 @@ def print_training(r):
         print(f"{'  the same share from process CPU time':<48} {100 * r['mfu_cpu_time']:10.1f} %  "
               f"(with --threads 1: robust to other jobs)")
     print(f"{'peak memory, ' + r['peak_memory_kind']:<48} {r['peak_memory_bytes'] / gb:10.2f} GiB")
-    for title, key in (('momentum update', 'momentum_update_ms'), ('optimizer step', 'optimizer_ms')):
+    for title, key in (('momentum update', 'momentum_update_ms'),
+                       ('optimizer step', 'optimizer_ms')):
         for name, v in r.get(key, {}).items():
             print(f"{title + ', ' + name:<48} {v:10.2f} ms")
 
@@ -369,48 +369,49 @@ def bench_data(args):
     import torchvision
     from PIL import Image
     from torchvision.transforms import v2 as T
-    try:
-        import train_pretrain as tp
-        aug1, aug2 = tp.pretrain_transforms(args.img_size, 0.08)
-    except (ImportError, AttributeError) as e:
-        raise SystemExit(f'error: train_pretrain.pretrain_transforms(img_size, crop_min) is needed: {e}') from None
+    aug1, aug2 = augment.pretrain_transforms(args.img_size, 0.08)
     if args.data_images < 1:
-        raise SystemExit('error: --data-images must be >= 1')
+        raise ValueError('--data-images must be >= 1')
     torch.set_num_threads(1)  # a DataLoader worker runs one thread
 
-    def kernel_blur(aug):  # torchvision's blur (odd kernel ~10% of the crop, BYOL's 23 px at 224) in place of PIL's
+    def kernel_blur(aug):  # torchvision's blur (odd kernel ~10% of the crop, BYOL's 23 px at 224)
         k = int(0.1 * args.img_size) // 2 * 2 + 1
         return T.Compose([T.RandomApply([T.GaussianBlur(k, sigma=op.transforms[0].sigma)], p=op.p)
-                          if isinstance(op, T.RandomApply) and isinstance(op.transforms[0], tp.GaussianBlur) else op
+                          if (isinstance(op, T.RandomApply)
+                              and isinstance(op.transforms[0], augment.GaussianBlur))
+                          else op
                           for op in aug.transforms])
 
-    def decode_tensor(path):  # torchvision.io: file -> uint8 (3, H, W); the v2 ops then run on tensors
-        return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
-    pipelines = {'PIL decode, v2 ops on PIL images, PIL blur (train_pretrain)': (tp.load_image, tp.TwoCrops(aug1, aug2)),
+    def decode_tensor(path):  # torchvision.io: file -> uint8 (3, H, W); v2 ops then run on tensors
+        raw = torchvision.io.read_file(path)  # decode_image takes paths only from torchvision 0.20
+        return torchvision.io.decode_image(raw, mode=torchvision.io.ImageReadMode.RGB)
+    pil, kernel = augment.TwoCrops(aug1, aug2), augment.TwoCrops(*map(kernel_blur, (aug1, aug2)))
+    pipelines = {'PIL decode, v2 ops on PIL images, PIL blur (training)': (data.load_image, pil),
                  'PIL decode, v2 ops on PIL images, torchvision kernel blur':
-                 (tp.load_image, tp.TwoCrops(kernel_blur(aug1), kernel_blur(aug2))),
+                 (data.load_image, kernel),
                  'torchvision.io decode, v2 ops on uint8 tensors (kernel blur)':
-                 (decode_tensor, tp.TwoCrops(kernel_blur(aug1), kernel_blur(aug2)))}
+                 (decode_tensor, kernel)}
     w, h = args.data_src_size
     g = torch.Generator().manual_seed(0)
     res = dict(mode='data', format=args.data_format, src_size=[w, h], img_size=args.img_size,
-               images=args.data_images, threads=1, load_avg=list(os.getloadavg()), decode_per_s={}, decode_aug_per_s={},
-               crops={})
+               images=args.data_images, threads=1, load_avg=list(os.getloadavg()),
+               decode_per_s={}, decode_aug_per_s={}, crops={})
     with tempfile.TemporaryDirectory() as root:
         paths = []
-        for i in range(args.data_images):  # smooth colour fields + noise: compress like photos, not like noise
+        # smooth colour fields + noise: compress like photos, not like noise
+        for i in range(args.data_images):
             low = torch.rand(1, 3, h // 25 + 2, w // 25 + 2, generator=g)
             img = F.interpolate(low, size=(h, w), mode='bicubic', align_corners=False)[0]
             img = (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1).mul(255).byte()
             paths.append(os.path.join(root, f'{i}.{args.data_format}'))
             Image.fromarray(img.permute(1, 2, 0).numpy()).save(paths[-1], quality=90)
         res['mean_file_kb'] = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
+        cpu = torch.device('cpu')
         for name, (load, aug) in pipelines.items():
-            crops = aug(load(paths[0]))  # warm up; the output layout shows both paths feed the model alike
-            res['crops'][name] = [[list(c.shape), str(c.dtype)] for c in crops]
-            cpu = torch.device('cpu')
-            res['decode_per_s'][name] = len(paths) / timed(lambda: [load(p) for p in paths], cpu)
-            res['decode_aug_per_s'][name] = len(paths) / timed(lambda: [aug(load(p)) for p in paths], cpu)
+            # warm up; the output layout shows both paths feed the model alike
+            res['crops'][name] = [[list(c.shape), str(c.dtype)] for c in aug(load(paths[0]))]
+            for key, fn in (('decode_per_s', load), ('decode_aug_per_s', lambda p: aug(load(p)))):
+                res[key][name] = len(paths) / timed(lambda: [fn(p) for p in paths], cpu)[0]
     return res
 
 
@@ -433,4 +434,8 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except ValueError as e:                       # a user error: one line, no traceback
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)

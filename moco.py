@@ -1,19 +1,26 @@
-"""MoCo v3, the model of Algorithm 1 in Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision
-Transformers" (ICCV 2021, Sec. 3), computing what the official `moco/builder.py` computes.
+"""MoCo v3, the model of Algorithm 1 in Chen, Xie, He, "An Empirical Study of Training
+Self-Supervised Vision Transformers" (ICCV 2021, Sec. 3), computing what the official
+`moco/builder.py` computes.
 
     f_q = backbone + projector + predictor   query encoder, trained by gradients
-    f_k = backbone + projector               momentum encoder: f_k <- m * f_k + (1 - m) * f_q, never a gradient
-    loss = ctr(q1, k2) + ctr(q2, k1)         ctr(q, k) = CrossEntropy(q^ . k^T / tau, positives on the diagonal) * 2 tau
+    f_k = backbone + projector               momentum encoder: f_k <- m * f_k + (1 - m) * f_q,
+                                             never a gradient
+    loss = ctr(q1, k2) + ctr(q2, k1)         ctr(q, k) = CrossEntropy(q^ . k^T / tau,
+                                             positives on the diagonal) * 2 tau
 
-State-dict keys equal the official checkpoints', so a released `state_dict` with its 'module.' prefix stripped
-(`strip_prefix`) loads with strict=True:
-    base_encoder.*       backbone; projector at head.0 ... head.7 (ViT, 3 layers) or fc.0 ... fc.4 (ResNet, 2 layers)
+State-dict keys equal the official checkpoints', so a released `state_dict` with its 'module.'
+prefix stripped (`strip_prefix`) loads with strict=True:
+    base_encoder.*       backbone; projector at head.0 ... head.7 (ViT, 3 layers) or fc.0 ... fc.4
+                         (ResNet, 2 layers)
     momentum_encoder.*   the same layout
-    predictor.*          predictor.0 ... predictor.4 (ViT) or predictor.0 ... predictor.3 (ResNet: no last BN)
-Also here: the all-gather of the keys (any number of processes, none included), `load_backbone` (the bare
-backbone of a checkpoint, for linear probing and fine-tuning) and the SyncBatchNorm conversion for CUDA DDP.
+    predictor.*          predictor.0 ... predictor.4 (ViT) or predictor.0 ... predictor.3
+                         (ResNet: no last BN)
+Also here: the all-gather of the keys (any number of processes, none included), `load_backbone` (the
+bare backbone of a checkpoint, for linear probing and fine-tuning) and the SyncBatchNorm
+conversion for CUDA DDP.
 """
 import copy
+import os
 
 import torch
 import torch.distributed as dist
@@ -29,37 +36,42 @@ HEAD_BN = ("all", "hidden", "none")
 
 
 def build_backbone(arch, **kwargs):
-    """A backbone of vit.py or resnet.py by name; kwargs go to its factory (num_classes=0: no classifier)."""
+    """A backbone of vit.py or resnet.py by name; kwargs go to its factory (num_classes=0:
+    no classifier)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
     return ARCHS[arch](**kwargs)
 
 
 def build_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True, hidden_bn=True):
-    """The official MLP: Linear (no bias) layers; hidden ones followed by BN + ReLU, the last one by BN without
-    affine parameters when last_bn. Keys 0, 1, 2, ... in order, e.g. 3 layers: 0 Linear, 1 BN, 2 ReLU, 3 Linear,
-    4 BN, 5 ReLU, 6 Linear, 7 BN. Linear layers keep PyTorch's default initialisation, as in the official code.
+    """The official MLP: Linear (no bias) layers; hidden ones followed by BN + ReLU, the last one by
+    BN without affine parameters when last_bn. Keys 0, 1, 2, ... in order, e.g. 3 layers:
+    0 Linear, 1 BN, 2 ReLU, 3 Linear, 4 BN, 5 ReLU, 6 Linear, 7 BN. Linear layers keep PyTorch's
+    default initialisation, as in the official code.
     """
     layers = []
     for i in range(num_layers):
         last = i == num_layers - 1
-        layers.append(nn.Linear(input_dim if i == 0 else mlp_dim, output_dim if last else mlp_dim, bias=False))
+        layers.append(nn.Linear(input_dim if i == 0 else mlp_dim,
+                                output_dim if last else mlp_dim,
+                                bias=False))
         if not last:
             if hidden_bn:
                 layers.append(nn.BatchNorm1d(mlp_dim))
             layers.append(nn.ReLU(inplace=True))
         elif last_bn:
-            # SimCLR's design (BN on the output), with the scale gamma (and shift beta) removed "for simplicity"
-            # in the official code: the output is only ever L2-normalised, where a learnt per-channel scale
-            # would merely re-weight the cosine similarity.
+            # SimCLR's design (BN on the output), with the scale gamma (and shift beta) removed "for
+            # simplicity" in the official code: the output is only ever L2-normalised,
+            # where a learnt per-channel scale would merely re-weight the cosine similarity.
             layers.append(nn.BatchNorm1d(output_dim, affine=False))
     return nn.Sequential(*layers)
 
 
 @torch.no_grad()
 def concat_all_gather(x):
-    """x (N, C) of every process, concatenated in rank order: (world * N, C). Identity without a process group.
-    No gradient flows through (the keys carry none). All processes must pass the same N."""
+    """x (N, C) of every process, concatenated in rank order: (world * N, C). Identity without a
+    process group. No gradient flows through (the keys carry none). All processes must
+    pass the same N."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
@@ -68,18 +80,23 @@ def concat_all_gather(x):
 
 
 def contrastive_loss(q, k, T):
-    """ctr(q, k) of Algorithm 1 for this process's queries q (N, C) against the keys k (N, C) of all processes."""
+    """ctr(q, k) of Algorithm 1 for this process's queries q (N, C) against the keys k (N, C) of
+    all processes."""
     q = F.normalize(q, dim=1)
     k = concat_all_gather(F.normalize(k, dim=1))  # (world * N, C)
     logits = q @ k.T / T  # (N, world * N): every other image's key, of every process, is a negative
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    labels = torch.arange(len(q), device=q.device) + len(q) * rank  # the positive: the key of the same image
-    # Why * 2 tau (Algorithm 1: "return 2 * tau * loss"): dCE/dlogits = p - y (softmax minus one-hot) and the
-    # logits are q^.k^ / tau, so without the factor each q^ receives (1/N) sum_j (p_j - y_j) k^_j / tau, a gradient
-    # that scales as 1/tau. Times 2 tau the 1/tau cancels: (2/N) sum_j (p_j - y_j) k^_j, of norm at most 4/N for
-    # every tau (sum_j |p_j - y_j| <= 2, |k^_j| = 1). tau then only shapes p (how much the hard negatives weigh),
-    # not the scale of the gradient, so changing tau does not silently change the effective learning rate.
-    # The 2 matches BYOL at large tau: 2 tau CE = 2 tau log(world N) - 2 q^.k^+ + 2 mean_j q^.k^_j + O(1/tau),
+    # the positive: the key of the same image
+    labels = torch.arange(len(q), device=q.device) + len(q) * rank
+    # Why * 2 tau (Algorithm 1: "return 2 * tau * loss"): dCE/dlogits = p - y
+    # (softmax minus one-hot) and the logits are q^.k^ / tau, so without the factor each q^ receives
+    # (1/N) sum_j (p_j - y_j) k^_j / tau, a gradient that scales as 1/tau. Times 2 tau the 1/tau
+    # cancels: (2/N) sum_j (p_j - y_j) k^_j, of norm at most 4/N for every tau
+    # (sum_j |p_j - y_j| <= 2, |k^_j| = 1). tau then only shapes p (how much the hard negatives
+    # weigh), not the scale of the gradient, so changing tau does not silently change the effective
+    # learning rate.
+    # The 2 matches BYOL at large tau:
+    # 2 tau CE = 2 tau log(world N) - 2 q^.k^+ + 2 mean_j q^.k^_j + O(1/tau),
     # i.e. BYOL's loss 2 - 2 q^.k^+ plus a push away from the mean key.
     return F.cross_entropy(logits, labels) * (2 * T)
 
@@ -88,16 +105,22 @@ class MoCo(nn.Module):
     """MoCo v3 around a backbone of vit.py (projector at `head`) or resnet.py (projector at `fc`).
 
     backbone: a VisionTransformer or ResNet; its classifier is replaced by the projector.
-    dim: output size of projector and predictor (256); mlp_dim: their hidden size (4096); T: temperature tau.
-    Ablations (paper Sec. 6, "Prediction head" and "BatchNorm in MLP heads"; m = 0 is an argument of forward):
-      predictor=False  no prediction MLP (queries = projector outputs): MoCo v3 without BYOL's predictor.
-      head_bn='all'    the official heads: BN after every hidden layer, and BN (no affine) after the last
-                       layer of the projector and of the ViT predictor (the ResNet predictor has none).
-      head_bn='hidden' BN after hidden layers only: the last-layer BNs are removed.
-      head_bn='none'   no BN anywhere in the heads (hidden layers are Linear + ReLU). Linear layers stay
-                       bias-free in every mode, as the official ResNet predictor's BN-free last layer is.
-    With m = 0 in forward the momentum update copies f_q into f_k each step, so the keys come from the query
-    encoder's weights (the SimCLR-like case; the keys still get no gradient).
+    dim: output size of projector and predictor (256); mlp_dim: their hidden size (4096);
+    T: temperature tau.
+    Ablations (paper Sec. 6, "Prediction head" and "BatchNorm in MLP heads", ViT-B 300 epochs:
+    76.5 with predictor and all BN; m = 0 is an argument of forward):
+      predictor=False  no prediction MLP (queries = projector outputs): MoCo v3 without BYOL's
+                       predictor (75.5).
+      head_bn='all'    the official heads: BN after every hidden layer, and BN (no affine) after the
+                       last layer of the projector and of the ViT predictor
+                       (the ResNet predictor has none).
+      head_bn='hidden' BN after hidden layers only: the last-layer BNs are removed
+                       (BYOL's heads, appendix A).
+      head_bn='none'   no BN anywhere in the heads (hidden layers are Linear + ReLU; 74.4,
+                       at batch 2048: 4096 did not converge). Linear layers stay bias-free in every
+                       mode, as the official ResNet predictor's BN-free last layer is.
+    With m = 0 in forward the momentum update copies f_q into f_k each step, so the keys come from
+    the query encoder's weights (the SimCLR-like case; the keys still get no gradient).
     """
 
     def __init__(self, backbone, dim=256, mlp_dim=4096, T=1.0, predictor=True, head_bn="all"):
@@ -108,35 +131,37 @@ class MoCo(nn.Module):
         is_vit = isinstance(backbone, vit.VisionTransformer)
         self.head_name = "head" if is_vit else "fc"  # where the backbone keeps its classifier
         hidden_bn, last_bn = head_bn != "none", head_bn == "all"
-        # LayerNorm and attention treat each sample alone, so a BN-free backbone (every ViT but the conv-stem
-        # ones) gives the same features, up to float rounding, whether the two crops pass separately or as one
-        # batch of 2B; one pass means larger matmuls and half the kernel launches. (With drop_path_rate > 0 the
-        # drop masks are drawn for 2B samples at once: the same distribution, other random numbers.) BN (ResNet,
-        # ViT conv stem) normalises over the batch, so there the crops pass one by one, as in the official code.
+        # LayerNorm and attention treat each sample alone, so a BN-free backbone (every ViT but the
+        # conv-stem ones) gives the same features, up to float rounding, whether the two crops pass
+        # separately or as one batch of 2B; one pass means larger matmuls and half the kernel
+        # launches. (With drop_path_rate > 0 the drop masks are drawn for 2B samples at once:
+        # the same distribution, other random numbers.) BN (ResNet, ViT conv stem) normalises over
+        # the batch, so there the crops pass one by one, as in the official code.
         self.concat_crops = not any(isinstance(mod, _BATCH_NORMS) for mod in backbone.modules())
-        # Projector: 3 layers for ViT, 2 for ResNet (Sec. 5, "MLP heads"), in place of the classifier.
+        # Projector: 3 layers for ViT, 2 for ResNet (Sec. 5, "MLP heads"), in place
+        # of the classifier.
         setattr(backbone, self.head_name,
-                build_mlp(3 if is_vit else 2, backbone.num_features, mlp_dim, dim, last_bn, hidden_bn))
+                build_mlp(3 if is_vit else 2, backbone.num_features, mlp_dim, dim,
+                          last_bn, hidden_bn))
         self.base_encoder = backbone
         self.momentum_encoder = copy.deepcopy(backbone)  # initialised equal to f_q
         for p in self.momentum_encoder.parameters():
             p.requires_grad = False  # updated only by the moving average
-        self.predictor = (build_mlp(2, dim, mlp_dim, dim, last_bn and is_vit, hidden_bn) if predictor
-                          else nn.Identity())
+        self.predictor = (build_mlp(2, dim, mlp_dim, dim, last_bn and is_vit, hidden_bn)
+                          if predictor else nn.Identity())
 
     @torch.no_grad()
     def update_momentum_encoder(self, m):
-        """theta_k <- m * theta_k + (1 - m) * theta_q over the parameters only, as the official code (the momentum
-        encoder's BN running statistics stay its own). The same arithmetic as the official per-tensor loop
-        (theta_k * m + theta_q * (1 - m), bit for bit), in a few multi-tensor kernels instead of 3 per tensor."""
-        params_k = list(self.momentum_encoder.parameters())
-        params_q = list(self.base_encoder.parameters())
-        torch._foreach_mul_(params_k, m)
-        torch._foreach_add_(params_k, torch._foreach_mul(params_q, 1.0 - m))
+        """theta_k <- m * theta_k + (1 - m) * theta_q over the parameters only, as the official code
+        (the momentum encoder's BN running statistics stay its own), with its arithmetic,
+        bit for bit. m = 0 copies f_q."""
+        for param_k, param_q in zip(self.momentum_encoder.parameters(),
+                                    self.base_encoder.parameters()):
+            param_k.mul_(m).add_(param_q * (1.0 - m))
 
     def encode(self, encoder, x1, x2):
-        """Backbone + projector of `encoder` on both crops -> two (B, dim). The projector sees each crop alone, so
-        its BN statistics are per crop, as in the official code."""
+        """Backbone + projector of `encoder` on both crops -> two (B, dim). The projector sees each
+        crop alone, so its BN statistics are per crop, as in the official code."""
         if self.concat_crops and x1.shape == x2.shape:
             h1, h2 = encoder.forward_features(torch.cat([x1, x2])).chunk(2)  # (2B, D) -> 2 x (B, D)
         else:
@@ -145,20 +170,29 @@ class MoCo(nn.Module):
         return projector(h1), projector(h2)
 
     def forward(self, x1, x2, m):
-        """x1, x2: two augmented views (B, 3, H, W) of the same B images; m: momentum (python float) -> loss."""
-        # Momentum update first, before the keys, as the official code does. Algorithm 1 updates after the
-        # optimizer step instead: the same sequence of weights, shifted by one call.
+        """x1, x2: two augmented views (B, 3, H, W) of the same B images; m: momentum
+        (python float) -> loss."""
+        # Momentum update first, before the keys, as the official code does. Algorithm 1 updates
+        # after the optimizer step instead: the same sequence of weights, shifted by one call.
         self.update_momentum_encoder(m)
-        q1, q2 = (self.predictor(z) for z in self.encode(self.base_encoder, x1, x2))  # queries (B, dim)
+        # queries (B, dim)
+        q1, q2 = (self.predictor(z) for z in self.encode(self.base_encoder, x1, x2))
         with torch.no_grad():  # keys: no graph, no gradient (stop-gradient on f_k)
             k1, k2 = self.encode(self.momentum_encoder, x1, x2)  # (B, dim)
-        return contrastive_loss(q1, k2, self.T) + contrastive_loss(q2, k1, self.T)  # symmetrised
+        return self.loss(q1, k2) + self.loss(q2, k1)  # symmetrised
+
+    def loss(self, q, k):
+        """ctr(q, k); simclr_byol.BYOL replaces it by BYOL's loss, the rest of the model
+        being the same."""
+        return contrastive_loss(q, k, self.T)
 
 
-def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, *, predictor=True, head_bn="all", **backbone_kwargs):
-    """MoCo v3 for any arch of vit.py / resnet.py, built as the official code does: the backbone with
-    num_classes=mlp_dim (its classifier then replaced by the projector; a num_classes in backbone_kwargs is
-    ignored) and, for ResNets, zero_init_residual=True unless backbone_kwargs says otherwise."""
+def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, *, predictor=True, head_bn="all",
+               **backbone_kwargs):
+    """MoCo v3 for any arch of vit.py / resnet.py, built as the official code does:
+    the backbone with num_classes=mlp_dim (its classifier then replaced by the projector;
+    a num_classes in backbone_kwargs is ignored) and, for ResNets, zero_init_residual=True unless
+    backbone_kwargs says otherwise."""
     if arch in resnet.ARCHS:
         backbone_kwargs = {"zero_init_residual": True, **backbone_kwargs}
     backbone = build_backbone(arch, **{**backbone_kwargs, "num_classes": mlp_dim})
@@ -166,61 +200,120 @@ def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, *, predictor=True, head_bn="a
 
 
 def convert_sync_batchnorm(model):
-    """Every BN -> SyncBatchNorm, so that BN statistics (heads; ResNet and conv-stem backbones) span the global
-    batch of each crop, as the official training does. CUDA DDP only: SyncBatchNorm raises on CPU tensors."""
+    """Every BN -> SyncBatchNorm, so that BN statistics (heads; ResNet and conv-stem backbones) span
+    the global batch of each crop, as the official training does. CUDA DDP only:
+    SyncBatchNorm raises on CPU tensors."""
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
+# ----------------------------------------------------------------------------- checkpoints
 def strip_prefix(state_dict, prefix="module."):
-    """Keys without `prefix` (the DDP wrapper's 'module.' of the official checkpoints); other keys unchanged."""
+    """Keys without `prefix` (the DDP wrapper's 'module.' of the official checkpoints);
+    other keys unchanged."""
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
-# Settings that shape training, not the weights: not carried from a pretraining checkpoint to the loaded backbone.
-_TRAINING_ONLY = ("num_classes", "zero_init_residual", "stop_grad_conv1", "drop_path_rate")
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file next to `path`, then rename: a crash never leaves a
+    torn checkpoint."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
-def load_backbone(path, arch=None, **backbone_kwargs):
-    """The bare backbone of a checkpoint: classifier = nn.Identity, normalised images (B, 3, H, W) -> (B, D).
-
-    Reads (all with torch.load(weights_only=True)):
-      * MoCo checkpoints, ours ({'state_dict': MoCo keys, 'arch', 'backbone_kwargs'}) and the official ones
-        ({'state_dict': 'module.base_encoder.*' ..., 'arch'}): base_encoder.* without the projector;
-      * plain backbone weights, bare or under 'state_dict' / 'model', with or without 'module.' (torchvision's
-        ResNet files, our or the official linear / fine-tuned classifiers): all but the classifier (head.* / fc.*).
-    arch: needed when the file records none; must match the one it records. Architecture settings come from the
-    file's 'backbone_kwargs' when present, overridden by backbone_kwargs; training-only ones (drop_path_rate,
-    stop_grad_conv1, zero_init_residual) are not carried over. Loads with strict=True; anything else that goes
-    wrong (unreadable file, no weights, other arch, keys or shapes that do not fit) raises a one-line ValueError.
-    The model is returned in training mode with every parameter trainable; call .eval() to extract features.
-    """
+def read_checkpoint(path):
+    """The one reader of every checkpoint the scripts take (all with torch.load(weights_only=True))
+    -> a dict whose 'state_dict' holds the weights without DDP's 'module.' prefix, beside whatever
+    else the file holds:
+      * ours: {'state_dict', 'arch', 'backbone_kwargs', 'epoch', 'optimizer', 'args', ...};
+      * the official MoCo v3 ones: {'state_dict': 'module.base_encoder.*' ..., 'arch',
+        'epoch', 'optimizer'};
+      * plain weights, bare or under 'model' (torchvision's ResNet files, DeiT / MAE checkpoints).
+    Anything else (missing, unreadable, no tensors) raises a one-line ValueError."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing file, not a torch file, or objects beyond plain data
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})") from None
-    wrapped = isinstance(ckpt, dict) and ("state_dict" in ckpt or "model" in ckpt)
-    state = (ckpt.get("state_dict", ckpt.get("model")) if wrapped else ckpt)
-    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise ValueError(f"{path}: holds no weights (expected a state dict of tensors, bare or under 'state_dict')")
-    state = strip_prefix(state)
-    if any(k.startswith("base_encoder.") for k in state):  # a MoCo checkpoint: keep the query backbone
-        state = {k[len("base_encoder."):]: v for k, v in state.items() if k.startswith("base_encoder.")}
+    except FileNotFoundError:
+        raise ValueError(f"{path} is not a readable checkpoint: no such file") from None
+    except Exception as e:  # not a torch file, or objects beyond plain data
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} is not a readable checkpoint "
+                         f"({type(e).__name__}: {first_line})") from None
+    if isinstance(ckpt, dict) and ("state_dict" in ckpt or "model" in ckpt):
+        ckpt = dict(ckpt)
+        ckpt["state_dict"] = ckpt.pop("state_dict" if "state_dict" in ckpt else "model")
+    else:
+        ckpt = {"state_dict": ckpt}
+    state = ckpt["state_dict"]
+    if not (isinstance(state, dict) and state
+            and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"{path} holds no weights "
+                         "(expected a state dict of tensors, bare or under 'state_dict')")
+    ckpt["state_dict"] = strip_prefix(state)
+    return ckpt
 
-    saved_arch = ckpt.get("arch") if wrapped else None
+
+def load_weights(model, state_dict, path):
+    """model.load_state_dict(state_dict) (strict), with a one-line ValueError naming `path` if it
+    does not fit (other keys or shapes: another arch, settings or number of classes)."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path} does not fit this model ({first_line})") from None
+
+
+# Settings that shape training, not the weights: not carried from a pretraining checkpoint to the
+# loaded backbone.
+_TRAINING_ONLY = ("num_classes", "zero_init_residual", "stop_grad_conv1", "drop_path_rate",
+                  "grad_ckpt")
+
+
+def load_backbone(path, arch=None, weights=True, **backbone_kwargs):
+    """The bare backbone of a checkpoint: classifier = nn.Identity, normalised images
+    (B, 3, H, W) -> (B, D).
+
+    Reads (all with torch.load(weights_only=True)):
+      * MoCo checkpoints, ours ({'state_dict': MoCo keys, 'arch', 'backbone_kwargs'}) and the
+        official ones ({'state_dict': 'module.base_encoder.*' ..., 'arch'}): base_encoder.*
+        without the projector;
+      * plain backbone weights, bare or under 'state_dict' / 'model', with or without 'module.'
+        (torchvision's ResNet files, our or the official linear / fine-tuned classifiers):
+        all but the classifier (head.* / fc.*).
+    arch: needed when the file records none; must match the one it records. Architecture settings
+    come from the file's 'backbone_kwargs' when present, overridden by backbone_kwargs;
+    training-only ones (drop_path_rate, stop_grad_conv1, zero_init_residual) are not carried over.
+    Loads with strict=True; anything else that goes wrong (unreadable file, no weights,
+    other arch, keys or shapes that do not fit) raises a one-line ValueError.
+    The model is returned in training mode with every parameter trainable; call .eval() to
+    extract features.
+    weights=False: the architecture the file records, with fresh random weights
+    (the random-init baseline).
+    """
+    ckpt = read_checkpoint(path)
+    state = ckpt["state_dict"]
+    # a MoCo checkpoint: keep the query backbone
+    if any(k.startswith("base_encoder.") for k in state):
+        state = {k[len("base_encoder."):]: v for k, v in state.items()
+                 if k.startswith("base_encoder.")}
+
+    saved_arch = ckpt.get("arch")
     arch = arch or saved_arch
     if arch is None:
-        raise ValueError(f"{path}: the checkpoint does not record its arch; pass arch (one of: {', '.join(ARCHS)})")
+        raise ValueError(f"{path}: the checkpoint does not record its arch; "
+                         f"pass arch (one of: {', '.join(ARCHS)})")
     if saved_arch is not None and saved_arch != arch:
-        raise ValueError(f"{path}: the checkpoint holds arch {saved_arch!r}, not the requested {arch!r}")
-    saved_kwargs = ckpt.get("backbone_kwargs") if wrapped else None
-    kwargs = {k: v for k, v in (saved_kwargs or {}).items() if k not in _TRAINING_ONLY}
+        raise ValueError(f"{path}: the checkpoint holds arch {saved_arch!r}, "
+                         f"not the requested {arch!r}")
+    saved_kwargs = ckpt.get("backbone_kwargs") or {}
+    kwargs = {k: v for k, v in saved_kwargs.items() if k not in _TRAINING_ONLY}
     kwargs = {**kwargs, **backbone_kwargs}
     kwargs.pop("num_classes", None)  # the classifier is replaced by the identity anyway
     model = build_backbone(arch, **kwargs, num_classes=0)
     head_name = "head" if isinstance(model, vit.VisionTransformer) else "fc"
     setattr(model, head_name, nn.Identity())
-    state = {k: v for k, v in state.items() if not k.startswith(head_name + ".")}  # projector or classifier
+    # drop the projector or classifier
+    state = {k: v for k, v in state.items() if not k.startswith(head_name + ".")}
 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -230,5 +323,6 @@ def load_backbone(path, arch=None, **backbone_kwargs):
         raise ValueError(f"{path}: weights do not fit {arch}{kwargs or ''}: {len(missing)} missing "
                          f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
                          f"{len(wrong_shape)} of another shape {wrong_shape[:3]}")
-    model.load_state_dict(state, strict=True)
+    if weights:
+        model.load_state_dict(state, strict=True)
     return model

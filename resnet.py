@@ -1,11 +1,13 @@
-"""ResNet (He et al., 2016), the convolutional baseline of MoCo v3 (linear probing 74.6% for R-50 at 1000 epochs).
+"""ResNet (He et al., 2016), the convolutional baseline of MoCo v3 (linear probing 74.6% for R-50
+at 1000 epochs).
 
-Module and parameter names equal torchvision's, so torchvision's ResNet weights and the released MoCo v3
-ResNet-50 checkpoints (`r-50-*ep.pth.tar`, whose `base_encoder` is a torchvision ResNet) load with
-`strict=True` and no renaming; the initialisation is torchvision's too. Two additions:
-  * `forward_features` returns the pooled (B, C) feature that MoCo's projector and linear probing use;
-  * `small_stem=True` swaps the 7x7 stride-2 conv + max-pool for a 3x3 stride-1 conv (CIFAR-style) so that
-    32-64 px images keep a useful resolution; `conv1` keeps its name, with another shape.
+Module and parameter names equal torchvision's, so torchvision's ResNet weights and the released
+MoCo v3 ResNet-50 checkpoints (`r-50-*ep.pth.tar`, whose `base_encoder` is a torchvision ResNet)
+load with `strict=True` and no renaming; the initialisation is torchvision's too. Two additions:
+  * `forward_features` returns the pooled (B, C) feature that MoCo's projector and
+    linear probing use;
+  * `small_stem=True` swaps the 7x7 stride-2 conv + max-pool for a 3x3 stride-1 conv (CIFAR-style)
+    so that 32-64 px images keep a useful resolution; `conv1` keeps its name, with another shape.
 Depends on torch only.
 """
 import torch.nn as nn
@@ -40,7 +42,8 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (stride here, as torchvision's "ResNet v1.5"), 1x1 expand by 4 (ResNet-50 and deeper)."""
+    """1x1 reduce, 3x3 (stride here, as torchvision's "ResNet v1.5"), 1x1 expand by 4
+    (ResNet-50 and deeper)."""
     expansion = 4
 
     def __init__(self, c_in, width, stride=1, downsample=None):
@@ -63,7 +66,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """forward_features: (B, 3, H, W) -> (B, num_features); forward: -> (B, num_classes) through `fc`."""
+    """forward_features: (B, 3, H, W) -> (B, num_features); forward: -> (B, num_classes)
+    through `fc`."""
 
     def __init__(self, block, layers, num_classes=1000, zero_init_residual=False, small_stem=False):
         super().__init__()
@@ -91,7 +95,8 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
-            # Each block starts as the identity (Goyal et al., 2017); MoCo v3 builds its ResNets this way.
+            # Each block starts as the identity (Goyal et al., 2017); MoCo v3 builds its
+            # ResNets this way.
             for m in self.modules():
                 if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
@@ -109,7 +114,8 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward_features(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4); (B, 64, H, W) small stem
+        # (B, 64, H/4, W/4); (B, 64, H, W) with the small stem
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, C, H/32, W/32)
         return self.avgpool(x).flatten(1)  # (B, C)
 

@@ -1,50 +1,63 @@
 """Linear probing and kNN evaluation of a frozen MoCo v3 backbone (Chen, Xie, He, ICCV 2021).
 
-Linear probing is the metric of the paper's tables (73.2 ViT-S, 76.7 ViT-B, 74.6 R-50 in the official CONFIG.md).
-This file reproduces the official main_lincls.py protocol and adds a weighted kNN and a fast CPU mode.
+Linear probing is the metric of the paper's tables (73.2 ViT-S, 76.7 ViT-B, 74.6 R-50 in the
+official CONFIG.md). This file follows the official main_lincls.py protocol and adds a weighted kNN
+and a fast CPU mode.
 
-Demo (probes output/pretrain/checkpoint_last.pth against random init):  python train_linear.py
-The paper's protocol, 8 GPUs:  torchrun --nproc_per_node=8 train_linear.py -a vit_base --lr 3 \
-                                   --pretrained vit-b-300ep.pth.tar /data/imagenet
+    python train_linear.py  # the demo: probes output/pretrain/checkpoint_last.pth and random init
+    torchrun --nproc_per_node=8 train_linear.py -a vit_base --lr 3
+        --pretrained vit-b-300ep.pth.tar /data/imagenet
+
+Reads top to bottom: arguments -> distributed setup -> data -> model -> optimizer -> resume
+-> loop -> save.
 """
 import argparse
+import functools
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
-from torchvision import datasets, transforms
 from tqdm import tqdm
 
+import augment
+import data
+import evaluation
 import moco
-from train_pretrain import (IMAGENET_MEAN, IMAGENET_STD, build_demo_dataset, check_same_classes, extract_features,
-                            init_distributed, knn_predict, save_atomic)
 
 DEMO_CHECKPOINT = 'output/pretrain/checkpoint_last.pth'
-NOT_PAPER = 'cached features: not the paper\'s protocol'
+NOT_PAPER = "cached features: not the paper's protocol"
+PRESETS = {  # the demo: cached features and kNN, the fastest route on a 2-core CPU
+    'demo': dict(data=data.DEMO_ROOT, pretrained=DEMO_CHECKPOINT, cache_features=True, knn=True, epochs=100,
+                 batch_size=256, workers=1),
+}
 
 
+# ----------------------------------------------------------------------------- arguments
 def get_args_parser():
-    p = argparse.ArgumentParser('MoCo v3 linear probing and kNN', add_help=True)
-    p.add_argument('data', nargs='?', default=None, metavar='DATA',
-                   help='ImageFolder root with train/ and val/ (default: the built-in demo dataset)')
+    p = argparse.ArgumentParser('MoCo v3 linear probing and kNN', allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('data', nargs='?', metavar='DATA',
+                   help='train/ and val/ in the ImageNet layout (or the root of --dataset). Omit it only for '
+                        'the demo (no arguments at all, or --preset demo)')
+    p.add_argument('--preset', choices=PRESETS, help="demo: probe the pretraining demo's checkpoint")
+    p.add_argument('--dataset', default='folder', choices=data.DATASETS, help='how DATA is laid out')
     g = p.add_argument_group('model')
-    g.add_argument('-a', '--arch', default=None, help='backbone; default: the checkpoint\'s, else resnet50')
-    g.add_argument('--pretrained', default='', help='pretraining checkpoint: this project\'s or an official one')
+    g.add_argument('-a', '--arch', default='resnet50', help="backbone (default: the checkpoint's)")
+    g.add_argument('--pretrained', default='', help="pretraining checkpoint: this project's or an official one")
     g.add_argument('--random-init', action='store_true',
                    help='build the architecture of --pretrained but keep random weights: the baseline')
-    g.add_argument('--img-size', type=int, default=None,
-                   help='train and eval crop; eval resizes to img-size*256/224 first (default: checkpoint\'s, or 224)')
-    g = p.add_argument_group('optimisation (defaults: the official main_lincls.py)')
+    g.add_argument('--img-size', type=int, default=224,
+                   help="train and eval crop; eval resizes to img-size*256/224 first (default: checkpoint's)")
+    g = p.add_argument_group('optimisation (the official main_lincls.py)')
     g.add_argument('--epochs', type=int, default=90)
-    g.add_argument('--start-epoch', type=int, default=0, help='manual epoch number (resume sets it)')
+    g.add_argument('--start-epoch', type=int, default=0, help='first epoch (resume sets it)')
     g.add_argument('-b', '--batch-size', type=int, default=1024, help='GLOBAL batch, split over processes')
-    g.add_argument('--lr', '--learning-rate', type=float, default=None, dest='lr',
-                   help='base lr, scaled by batch/256 (default 0.1; 3 for ViTs, as in the official CONFIG.md)')
+    g.add_argument('--lr', '--learning-rate', type=float, help='base lr, x batch/256 (CONFIG.md: ViT 3, ResNet 0.1)')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--wd', '--weight-decay', type=float, default=0.0, dest='weight_decay')
     g = p.add_argument_group('kNN and the CPU mode')
@@ -53,99 +66,94 @@ def get_args_parser():
     g.add_argument('--knn-t', type=float, default=0.07, help='temperature of the exp(sim / T) vote weights')
     g.add_argument('--cache-features', action='store_true',
                    help='embed train/val once without augmentation and train the linear layer on those '
-                        'features: minutes instead of hours on a CPU, but NOT the paper\'s protocol')
+                        "features: minutes instead of hours on a CPU, but NOT the paper's protocol")
     g = p.add_argument_group('run')
     g.add_argument('-e', '--evaluate', action='store_true', help='only evaluate (e.g. --resume model_best.pth)')
-    g.add_argument('--resume', default='', help='a checkpoint of this script, or "auto" (the output dir\'s last)')
+    g.add_argument('--resume', default='', help="a checkpoint of this script, or 'auto' (the output dir's last)")
     g.add_argument('--output-dir', default='output/linear')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('-j', '--workers', type=int, default=8)
-    g.add_argument('--dtype', default='bf16', choices=['bf16', 'fp16', 'fp32'],
-                   help='autocast dtype of the frozen backbone on CUDA (CPU runs fp32); the head trains in fp32')
+    g.add_argument('--dtype', default='fp32', choices=['bf16', 'fp16', 'fp32'],
+                   help="autocast dtype of the frozen backbone on CUDA; the official protocol runs fp32 (bf16 is "
+                        "faster, but then not the paper's protocol); the head always trains in fp32")
     g.add_argument('-p', '--print-freq', type=int, default=10)
+    g = p.add_argument_group('official launch flags: accepted and ignored, torchrun sets these')
+    for flag in ('--world-size', '--rank', '--dist-url', '--dist-backend', '--gpu'):
+        g.add_argument(flag, dest='launch_' + flag[2:].replace('-', '_'))
+    g.add_argument('--multiprocessing-distributed', action='store_true', dest='launch_mp')
     return p
 
 
-# ----------------------------------------------------------------------------- metrics (train_finetune.py too)
-@torch.no_grad()
-def accuracy(output, target, topk=(1,)):
-    """Percentage of rows of output (B, C) whose target (B,) is among the k highest scores, for each k.
-    k larger than C counts as C (with 3 classes, top-5 is 100%)."""
-    maxk = min(max(topk), output.shape[1])
-    pred = output.topk(maxk, dim=1).indices                                     # (B, maxk)
-    correct = pred == target[:, None]                                           # (B, maxk)
-    return [correct[:, :min(k, maxk)].any(dim=1).float().mean().item() * 100.0 for k in topk]
+def checkpoint_defaults(path):
+    """arch and img_size that a checkpoint records (ours both, the official ones the arch only)."""
+    if not path or not os.path.isfile(path):
+        return {}
+    ckpt = moco.read_checkpoint(path)
+    img_size = (ckpt.get('backbone_kwargs') or {}).get('img_size') or ckpt.get('img_size')
+    return {k: v for k, v in dict(arch=ckpt.get('arch'), img_size=img_size).items() if v is not None}
 
 
-@torch.no_grad()
-def evaluate(model, loader, device, amp_dtype=None):
-    """Top-1, top-5 (%) and mean cross-entropy of `model` over `loader` in eval mode. Under torchrun the sums
-    are all-reduced: give each rank its own share of the images, each image once (a padded DistributedSampler
-    would count its few repeated images twice)."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)                  # loss, top-1 hits, top-5 hits, n
-    for images, target in loader:
-        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            output = model(images)
-        output, b = output.float(), target.shape[0]
-        top1, top5 = accuracy(output, target, topk=(1, 5))
-        sums += torch.tensor([F.cross_entropy(output, target, reduction='sum').item(),
-                              top1 * b / 100, top5 * b / 100, b], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-    loss, top1, top5, n = sums.tolist()
-    return dict(top1=100 * top1 / n, top5=100 * top5 / n, loss=loss / n)
+def parse_args(argv=None):
+    """get_args_parser() with the preset and what the checkpoint records (arch, img_size, hence the
+    lr of CONFIG.md) as its defaults, set before the final parse: --help shows them, and a flag
+    given wins."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ('--preset', '--pretrained', '--resume'):
+        pre.add_argument(flag)
+    pre.add_argument('-a', '--arch')
+    known, _ = pre.parse_known_args(argv)
+    demo = known.preset == 'demo' or not argv
+    preset = PRESETS['demo'] if demo else {}
+    resume = known.resume if known.resume != 'auto' else None
+    saved = checkpoint_defaults(resume or known.pretrained or preset.get('pretrained'))
+    arch = known.arch or saved.get('arch', 'resnet50')
+    parser = get_args_parser()
+    parser.set_defaults(**saved, lr=3.0 if arch.startswith('vit') else 0.1, **preset,
+                        preset='demo' if demo else None)
+    return parser.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- checkpoints and the frozen model
-def load_checkpoint(path, what):
-    """A dict saved by torch.save, or one line and exit."""
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f'error: {what} {path} does not exist')
-    except Exception as e:
-        raise SystemExit(f'error: {what} {path} is not a readable checkpoint ({type(e).__name__})')
-    if not isinstance(ckpt, dict):
-        raise SystemExit(f'error: {what} {path} is not a checkpoint (no dict of weights)')
-    return ckpt
+# ----------------------------------------------------------------------------- distributed setup
+def init_distributed():
+    """torchrun's env:// when RANK is set (NCCL on GPUs, gloo on CPUs), else one plain process.
+    -> (rank, world_size, local_rank, device)"""
+    if 'RANK' not in os.environ:
+        return 0, 1, 0, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world_size, local_rank, device
 
 
-def checkpoint_info(path):
-    """(arch, backbone_kwargs, img_size) recorded by a pretraining checkpoint: ours records all three (the
-    ViT's img_size among the kwargs), the official one only its arch, a bare state dict none."""
-    ckpt = load_checkpoint(path, '--pretrained')
-    kwargs = {k: v for k, v in (ckpt.get('backbone_kwargs') or {}).items() if k != 'num_classes'}
-    img_size = kwargs.get('img_size') or (ckpt.get('args') or {}).get('img_size')
-    return ckpt.get('arch'), kwargs, img_size
-
-
-def build_model(arch, backbone_kwargs, num_classes, pretrained=''):
-    """The official main_lincls.py model: the backbone (moco.load_backbone: the base encoder of a MoCo
-    checkpoint, projector dropped, every other weight loaded strictly; random weights without `pretrained`)
-    with a fresh linear classifier (`head` of a ViT, `fc` of a ResNet; weight N(0, 0.01), bias 0) and
-    everything else frozen. -> (model, name of the classifier)"""
-    try:
-        model = (moco.load_backbone(pretrained, arch) if pretrained
-                 else moco.build_backbone(arch, **{**backbone_kwargs, 'num_classes': 0}))
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f'error: {e}')
-    key = 'head' if arch.startswith('vit') else 'fc'
+# ----------------------------------------------------------------------------- the frozen model
+def build_model(path, arch, num_classes, weights=True):
+    """The official main_lincls.py model: the backbone of a checkpoint (moco.load_backbone: the base
+    encoder, projector dropped, loaded strictly; random weights when weights=False or no path is
+    given) with a fresh linear classifier (`head` of a ViT, `fc` of a ResNet; weight N(0, 0.01),
+    bias 0), everything else frozen -> (model, key)."""
+    model = moco.load_backbone(path, arch, weights=weights) if path else moco.build_backbone(arch, num_classes=0)
+    key = 'head' if hasattr(model, 'blocks') else 'fc'
     head = nn.Linear(model.num_features, num_classes)
     nn.init.normal_(head.weight, mean=0.0, std=0.01)
     nn.init.zeros_(head.bias)
     setattr(model, key, head)
     for name, p in model.named_parameters():
         p.requires_grad = name.startswith(key + '.')
-    # eval mode for good, also while training the head: BN in train mode would update its running statistics,
-    # and linear probing may change nothing of the pretrained model (the official main_lincls.py does the same).
+    # eval mode for good, also while training the head: BN in train mode would update its running
+    # statistics, and linear probing may change nothing of the pretrained model (the official
+    # main_lincls.py does the same).
     return model.eval(), key
 
 
 def sanity_check(model, reference, key):
-    """The official sanity check: after probing, every backbone weight and buffer (BN statistics included)
-    must be bit-identical to `reference` (the checkpoint's backbone); only the classifier `key` may change."""
+    """The official sanity check: after probing, every backbone weight and buffer (BN statistics
+    included) must be bit-identical to `reference` (the checkpoint's backbone); only the classifier
+    `key` may change."""
     for k, v in model.state_dict().items():
         if k.startswith(key + '.'):
             continue
@@ -153,13 +161,13 @@ def sanity_check(model, reference, key):
             raise RuntimeError(f'sanity check failed: {k} changed during linear probing')
 
 
-# ----------------------------------------------------------------------------- batches of frozen features
 def backbone_batches(model, loader, device, amp_dtype):
-    """(features (B, D) fp32, target (B,)) of each batch of images; no graph is built through the frozen
-    backbone, which gives the same head gradients as the official model(images) at a fraction of the cost."""
+    """(features (B, D) fp32, target (B,)) of each batch of images; no graph through the frozen
+    backbone, which gives the head the same gradients as the official model(images) at a fraction of
+    the cost."""
     for images, target in loader:
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            feats = model.forward_features(images.to(device, non_blocking=True))
+            feats = model.forward_features(images.to(device, non_blocking=True))   # (B, D)
         yield feats.float(), target.to(device, non_blocking=True)
 
 
@@ -177,186 +185,179 @@ def lr_at(epoch, init_lr, epochs):
     return init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
-# ----------------------------------------------------------------------------- the run
-def setup_run(args):
-    """The start of train_linear.py and train_finetune.py: processes (torchrun or one), the autocast dtype (CUDA
-    only), a print for rank 0, the batch check, --resume auto -> (rank, world, local_rank, device, amp_dtype, say)."""
-    rank, world, local_rank, device = init_distributed()
-    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[args.dtype]
-    amp_dtype = amp_dtype if device.type == 'cuda' else None                   # bf16 on a CPU is ~400x slower
-    say = print if rank == 0 else (lambda *a, **k: None)
-    if args.batch_size % world:
-        raise SystemExit(f'error: batch {args.batch_size} is not divisible by {world} processes')
+def train_one_epoch(head, optimizer, batches, steps, world, args):
+    """One epoch of the classifier on (features, target) batches -> mean loss. Without cached
+    features each process has its own shard and the head's gradients are averaged, as DDP would."""
+    bar = tqdm(batches, total=steps, leave=False, disable=not args.show_bar)
+    loss_sum = 0.0  # a device tensor: no sync per step
+    for feats, target in bar:                                     # (B, D), (B,)
+        loss = F.cross_entropy(head(feats), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1 and not args.cache_features:                 # only two tensors are trained
+            for p in head.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        optimizer.step()
+        loss_sum = loss_sum + loss.detach()
+    return float(loss_sum) / max(steps, 1)
+
+
+def read_resume(args):
+    """The checkpoint of this script that --resume names ('auto': the output dir's last), or None.
+    Without --pretrained it probes the backbone that checkpoint probed."""
     if args.resume == 'auto':
         last = os.path.join(args.output_dir, 'checkpoint_last.pth')
         args.resume = last if os.path.isfile(last) else ''
-    return rank, world, local_rank, device, amp_dtype, say
+    if not args.resume:
+        return None
+    resume = moco.read_checkpoint(args.resume)
+    if 'best_acc1' not in resume:
+        raise ValueError(f'{args.resume} is no checkpoint of train_linear.py (a pretraining '
+                         f'checkpoint goes to --pretrained)')
+    if not args.pretrained:
+        args.pretrained, args.random_init = (resume['args'][k] for k in ('pretrained', 'random_init'))
+    return resume
 
 
+def knn(train_feats, train_labels, val_feats, val_labels, num_classes, args):
+    """Weighted kNN top-1 / top-5 (%) of the val features against the train features."""
+    scores = evaluation.knn_predict(train_feats, train_labels, val_feats, num_classes,
+                                    args.knn_k, args.knn_t)
+    top1, top5 = evaluation.accuracy(scores, val_labels, (1, 5))
+    return dict(knn_top1=top1, knn_top5=top5)
+
+
+def save(args, log, model, optimizer, epoch, best_acc1, last, is_best):
+    """The epoch's log line; checkpoint_last.pth (with cached features only at the end: 10 MB per
+    millisecond epoch would dominate) and model_best.pth."""
+    with open(os.path.join(args.output_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(log) + '\n')
+    ckpt = dict(epoch=epoch + 1, arch=args.arch, img_size=args.img_size, args=vars(args),
+                state_dict=model.state_dict(), optimizer=optimizer.state_dict(), best_acc1=best_acc1)
+    if not args.cache_features or last:
+        moco.save_checkpoint(ckpt, os.path.join(args.output_dir, 'checkpoint_last.pth'))
+    if is_best:
+        moco.save_checkpoint(ckpt, os.path.join(args.output_dir, 'model_best.pth'))
+
+
+# ----------------------------------------------------------------------------- main
 def main(args):
-    if args.data is None and not (args.pretrained or args.resume):
-        return demo(args)
-    rank, world, _, device, amp_dtype, say = setup_run(args)
-    resume = load_checkpoint(args.resume, '--resume') if args.resume else None
-    if resume is not None and 'best_acc1' not in resume:
-        raise SystemExit(f'error: {args.resume} is no checkpoint of train_linear.py '
-                         f'(a pretraining checkpoint goes to --pretrained)')
-    if resume is not None and not args.pretrained:                             # probe the same backbone again
-        pre = resume.get('args', {}).get('pretrained', '')
-        args.pretrained = pre if pre and os.path.isfile(pre) else ''
-        args.random_init = args.random_init or resume.get('args', {}).get('random_init', False)
-    arch, kwargs, img_size = checkpoint_info(args.pretrained) if args.pretrained else (None, {}, None)
-    if resume is not None:
-        arch, kwargs, img_size = resume['arch'], resume['backbone_kwargs'], resume['img_size']
-    if args.arch and arch and args.arch != arch:
-        raise SystemExit(f'error: --arch {args.arch}, but the checkpoint holds a {arch}')
-    arch, args.img_size = args.arch or arch or 'resnet50', args.img_size or img_size or 224
-    if args.lr is None:
-        args.lr = 3.0 if arch.startswith('vit') else 0.1                        # the official CONFIG.md
+    rank, world, _, device = init_distributed()
+    cuda = device.type == 'cuda'
+    amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.dtype) if cuda else None
+    say = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
+    args.show_bar = rank == 0 and not args.cache_features and sys.stdout.isatty() and sys.stderr.isatty()
+    if args.data is None:
+        raise ValueError('DATA is required: a folder with train/ and val/ in the ImageNet layout; '
+                         'for the demo run `python train_linear.py` alone (after train_pretrain.py)')
+    if args.batch_size % world:
+        raise ValueError(f'batch {args.batch_size} is not divisible by {world} processes')
+    resume = read_resume(args)
     torch.manual_seed(args.seed)
 
-    # ---- data: the official augmentations (train) and resize-then-center-crop (val), ImageNet's statistics
-    for split in ('train', 'val'):
-        if not os.path.isdir(os.path.join(args.data, split)):
-            raise SystemExit(f'error: {os.path.join(args.data, split)} is not a directory: DATA must hold '
-                             f'train/ and val/ in ImageFolder layout')
-    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(args.img_size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), normalize])
-    eval_tf = transforms.Compose([transforms.Resize(int(args.img_size * 256 / 224)),
-                                  transforms.CenterCrop(args.img_size), transforms.ToTensor(), normalize])
-    try:
-        train_set = datasets.ImageFolder(os.path.join(args.data, 'train'), train_tf)
-        train_eval_set = datasets.ImageFolder(os.path.join(args.data, 'train'), eval_tf)  # kNN / cached features
-        val_set = datasets.ImageFolder(os.path.join(args.data, 'val'), eval_tf)
-    except (FileNotFoundError, OSError) as e:
-        raise SystemExit(f'error: {e}')
-    check_same_classes(train_set, val_set, args.data)
+    # ------------------------------------------------------------------------- data
+    if args.data == data.DEMO_ROOT and rank == 0:
+        data.build_demo_dataset(args.data)
+    if world > 1:
+        dist.barrier()
+    train_set, train_plain, val_set = (
+        data.build_dataset(args.dataset, args.data, split, view) for split, view in (
+            ('train', augment.linear_transform(args.img_size)),
+            ('train', augment.eval_transform(args.img_size)),         # kNN, cached features
+            ('val', augment.eval_transform(args.img_size))))
+    data.check_same_classes(train_set, val_set, args.data)
     num_classes, per_rank = len(train_set.classes), args.batch_size // world
+    shard = functools.partial(data.make_loader, batch_size=per_rank, rank=rank, world_size=world,
+                              workers=args.workers, pin_memory=cuda, seed=args.seed)
 
-    def loader(ds, shuffle):   # DistributedSampler also with 1 process: set_epoch makes every epoch reproducible
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=args.seed)
-        return DataLoader(ds, per_rank, sampler=sampler, num_workers=args.workers,
-                          pin_memory=device.type == 'cuda', persistent_workers=args.workers > 0)
-
-    # ---- model: frozen backbone + fresh classifier
-    from_file = args.pretrained if not args.random_init else ''
-    model, key = build_model(arch, kwargs, num_classes, from_file)
+    # ------------------------------------------------------------------------- model and optimizer
+    model, key = build_model(args.pretrained, args.arch, num_classes, weights=not args.random_init)
     if resume is not None:
-        try:
-            model.load_state_dict(resume['state_dict'])
-        except RuntimeError:
-            raise SystemExit(f'error: {args.resume} does not fit {arch} with {num_classes} classes (those of DATA)')
-    # the sanity check's reference: the checkpoint itself, read again at the end as the official code does;
-    # with no checkpoint (random init, or its file gone since), the backbone as it is now
+        moco.load_weights(model, resume['state_dict'], args.resume)
+    # the sanity check's reference: the checkpoint, read again at the end as the official code
+    # does; for random init, the backbone as it is now
+    from_file = args.pretrained and not args.random_init
     snapshot = None if from_file else {k: v.clone() for k, v in model.state_dict().items()}
-    model.to(device)
-    head = getattr(model, key)
+    head = getattr(model.to(device), key)
     init_lr = args.lr * args.batch_size / 256
-    optimizer = torch.optim.SGD(head.parameters(), init_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(head.parameters(), init_lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
     start_epoch, best_acc1 = args.start_epoch, 0.0
     if resume is not None:
         optimizer.load_state_dict(resume['optimizer'])
         start_epoch, best_acc1 = resume['epoch'], resume['best_acc1']
-    protocol = NOT_PAPER if args.cache_features else 'the paper\'s protocol'
-    say(f'{arch} {kwargs} <- {args.pretrained or "random init"}{" (random init)" if args.random_init else ""}; '
-        f'{num_classes} classes, {len(train_set)} train / {len(val_set)} val images at {args.img_size} px; '
-        f'global batch {args.batch_size} = {world} x {per_rank}; base lr {args.lr} -> lr {init_lr:g}; {protocol}')
+    protocol = ("the paper's protocol" if amp is None else f"{args.dtype}: not the paper's protocol")
+    protocol = NOT_PAPER if args.cache_features else protocol
+    say(f'{args.arch} <- {args.pretrained if from_file else "random init"}; {num_classes} classes, '
+        f'{len(train_set)} train / {len(val_set)} val images at {args.img_size} px; global batch '
+        f'{args.batch_size} = {world} x {per_rank}; base lr {args.lr:g} -> lr {init_lr:g}; {protocol}')
 
-    # ---- frozen features: val always (it never changes), train too for kNN and the cached mode
-    val_feats, val_labels = extract_features(model, loader(val_set, False), device, amp_dtype)
-    val_feats, val_labels = val_feats.to(device), val_labels.to(device)
-    results = {}
+    # ------------------------------------------------------------------------- frozen features
+    def features(dataset):                                     # gathered, in dataset order
+        loader = shard(dataset, train=False)
+        return [t.to(device) for t in evaluation.extract_features(model, loader, device, amp)]
+
+    val_feats, val_labels = features(val_set)
     if args.knn or args.cache_features:
-        train_feats, train_labels = extract_features(model, loader(train_eval_set, False), device, amp_dtype)
-        train_feats, train_labels = train_feats.to(device), train_labels.to(device)
+        train_feats, train_labels = features(train_plain)
+    results = {}
     if args.knn:
-        scores = knn_predict(train_feats, train_labels, val_feats, num_classes, args.knn_k, args.knn_t)
-        results['knn_top1'], results['knn_top5'] = accuracy(scores, val_labels, topk=(1, 5))
-        say(f'kNN (k={args.knn_k}, T={args.knn_t}) top-1 {results["knn_top1"]:.2f}  top-5 {results["knn_top5"]:.2f}')
+        results = knn(train_feats, train_labels, val_feats, val_labels, num_classes, args)
+        say(f'kNN (k={args.knn_k}, T={args.knn_t}) top-1 {results["knn_top1"]:.2f}  '
+            f'top-5 {results["knn_top5"]:.2f}')
 
-    def validate():            # every rank scores its own share of the gathered features; evaluate() sums them
-        return evaluate(head, feature_batches(val_feats[rank::world], val_labels[rank::world], 1024), device)
+    def validate():            # each rank scores its share of the features; evaluate() sums them
+        batches = feature_batches(val_feats[rank::world], val_labels[rank::world], 1024)
+        return evaluation.evaluate(head, batches, device)
 
     if args.evaluate:
         stats = validate()
         say(f'val top-1 {stats["top1"]:.2f}  top-5 {stats["top5"]:.2f}  loss {stats["loss"]:.4f}')
         return {**results, 'top1': stats['top1'], 'top5': stats['top5']}
 
-    # ---- train the classifier
+    # ------------------------------------------------------------------------- loop
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, 'config.json'), 'w') as f:
-            json.dump({**vars(args), 'arch': arch}, f, indent=1)
-    train_loader = loader(train_set, True)
-    stats = {}
+            json.dump({k: v for k, v in vars(args).items() if k != 'show_bar'}, f, indent=1)
+    train_loader, stats = shard(train_set, train=True), {}
     for epoch in range(start_epoch, args.epochs):
         lr = lr_at(epoch, init_lr, args.epochs)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        torch.manual_seed(args.seed + epoch)            # augmentations depend on the epoch only: exact resume
-        if args.cache_features:                        # every rank trains on all features: no communication
+        torch.manual_seed(args.seed + epoch)  # augmentations: by epoch, exact resume
+        if args.cache_features:                                # every rank trains on all features
             batches = feature_batches(train_feats, train_labels, args.batch_size, args.seed + epoch)
             steps = math.ceil(len(train_feats) / args.batch_size)
         else:
             train_loader.sampler.set_epoch(epoch)
-            batches, steps = backbone_batches(model, train_loader, device, amp_dtype), len(train_loader)
-        bar = tqdm(batches, total=steps, desc=f'epoch {epoch}', disable=rank != 0 or args.cache_features, leave=False)
-        loss_sum = torch.zeros((), device=device)
-        for i, (feats, target) in enumerate(bar):
-            loss = F.cross_entropy(head(feats), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1 and not args.cache_features:   # what DDP would do, for the only two trained tensors
-                for p in head.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            optimizer.step()
-            loss_sum += loss.detach()
-            if i % args.print_freq == 0:
-                bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{lr:.4g}')
+            batches, steps = backbone_batches(model, train_loader, device, amp), len(train_loader)
+        train_loss = train_one_epoch(head, optimizer, batches, steps, world, args)
         stats = validate()
         best_acc1 = max(best_acc1, stats['top1'])
-        log = {'epoch': epoch, 'lr': lr, 'train_loss': loss_sum.item() / max(steps, 1), 'val_top1': stats['top1'],
-               'val_top5': stats['top5'], 'val_loss': stats['loss'], 'best_top1': best_acc1, 'protocol': protocol}
+        log = dict(epoch=epoch, lr=lr, train_loss=train_loss, val_top1=stats['top1'],
+                   val_top5=stats['top5'], val_loss=stats['loss'], best_top1=best_acc1, protocol=protocol)
         last = epoch == args.epochs - 1
-        if not args.cache_features or last or (epoch + 1) % 10 == 0:     # cached epochs take milliseconds
+        if not args.cache_features or last or (epoch + 1) % 10 == 0:  # cached: milliseconds each
             say(json.dumps(log))
         if rank == 0:
-            with open(os.path.join(args.output_dir, 'log.jsonl'), 'a') as f:
-                f.write(json.dumps(log) + '\n')
-            ckpt = {'epoch': epoch + 1, 'arch': arch, 'backbone_kwargs': kwargs, 'img_size': args.img_size,
-                    'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(), 'best_acc1': best_acc1,
-                    'args': dict(vars(args))}
-            if not args.cache_features or last:        # cached: writing 10 MB per millisecond epoch would dominate
-                save_atomic(ckpt, os.path.join(args.output_dir, 'checkpoint_last.pth'))
-            if stats['top1'] >= best_acc1:
-                save_atomic(ckpt, os.path.join(args.output_dir, 'model_best.pth'))
-    stats = stats or validate()                        # nothing left to train (resumed a finished run)
-    reference = snapshot if snapshot is not None else moco.load_backbone(from_file, arch).state_dict()
-    sanity_check(model, reference, key)
+            save(args, log, model, optimizer, epoch, best_acc1, last, stats['top1'] >= best_acc1)
+    stats = stats or validate()                                # resumed a finished run
+    sanity_check(model, snapshot or moco.load_backbone(args.pretrained, args.arch).state_dict(), key)
     say(f'sanity check passed: the backbone (weights and BN statistics) is bit-identical to '
         f'{"the checkpoint" if from_file else "its initial state"}')
     results.update(top1=stats['top1'], top5=stats['top5'], best_top1=best_acc1)
-    say(f'linear probe top-1 {stats["top1"]:.2f} (best {best_acc1:.2f})  top-5 {stats["top5"]:.2f}  [{protocol}]')
+    say(f'linear probe top-1 {stats["top1"]:.2f} (best {best_acc1:.2f})  '
+        f'top-5 {stats["top5"]:.2f}  [{protocol}]')
     return results
 
 
-# ----------------------------------------------------------------------------- the demo
-DEMO_PRESET = dict(cache_features=True, knn=True, epochs=100, batch_size=256, workers=1)
-
-
 def demo(args):
-    """No arguments: probe the demo's checkpoint on the built-in dataset, then the same architecture with
-    random weights under the same budget. Cached features + kNN: the fastest route on a 2-core CPU."""
-    if not os.path.isfile(DEMO_CHECKPOINT):
-        raise SystemExit(f'error: no demo checkpoint at {DEMO_CHECKPOINT}: run `python train_pretrain.py` first')
-    defaults = get_args_parser().parse_args([])
-    for k, v in DEMO_PRESET.items():                   # flags the user gave win over the preset
-        if getattr(args, k) == getattr(defaults, k):
-            setattr(args, k, v)
-    args.data, args.pretrained = build_demo_dataset(), DEMO_CHECKPOINT
-    print(f'demo: {DEMO_CHECKPOINT} on {args.data}; preset {DEMO_PRESET}')
+    """The demo: probe the pretraining demo's checkpoint, then the same architecture with random
+    weights under the same budget, and print both."""
+    if not os.path.isfile(args.pretrained):
+        raise ValueError(f'no demo checkpoint at {args.pretrained}: run `python train_pretrain.py` first')
     trained = main(argparse.Namespace(**vars(args)))
     baseline = main(argparse.Namespace(**{**vars(args), 'random_init': True,
                                           'output_dir': os.path.join(args.output_dir, 'random_init')}))
@@ -366,4 +367,13 @@ def demo(args):
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    try:
+        args = parse_args()
+        demo(args) if args.preset == 'demo' else main(args)
+    except ValueError as e:  # a user error: one line, no traceback
+        # said once under torchrun (rank 0), except an unreadable image, which only its reader may
+        # see; raised in a loader worker it arrives with the worker's traceback: its last line is
+        # the message
+        if int(os.environ.get('RANK', 0)) == 0 or isinstance(e, data.UnreadableImage):
+            print('error: ' + str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1], file=sys.stderr)
+        sys.exit(1)

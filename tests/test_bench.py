@@ -1,6 +1,6 @@
-"""bench.py on tiny configs (CPU, 1-2 steps): FLOPs against a hand count and against a plain FlopCounterMode
-step, consistency of the reported figures, activation checkpointing, the JSON keys, the data mode, bad input.
-Not a timing test: no figure is compared with a speed."""
+"""bench.py on tiny configs (CPU, 1-2 steps): FLOPs against a hand count and against a plain
+FlopCounterMode step, consistency of the reported figures, activation checkpointing, the JSON keys,
+the data mode, bad input. Not a timing test: no figure is compared with a speed."""
 import copy
 import json
 import os
@@ -15,13 +15,14 @@ import bench  # noqa: E402
 import moco  # noqa: E402
 
 B, D, HEADS, IMG, PATCH, MLP, DIM = 2, 32, 2, 32, 16, 64, 16
-TINY_VIT = ['--arch', 'vit_tiny', '--kw', 'depth=1', '--kw', f'embed_dim={D}', '--kw', f'num_heads={HEADS}',
-            '--img-size', str(IMG), '--patch-size', str(PATCH)]
+TINY_VIT = ['--arch', 'vit_tiny', '--kw', 'depth=1', '--kw', f'embed_dim={D}',
+            '--kw', f'num_heads={HEADS}', '--img-size', str(IMG), '--patch-size', str(PATCH)]
 COMMON = ['-b', str(B), '--moco-mlp-dim', str(MLP), '--moco-dim', str(DIM), '--device', 'cpu',
           '--steps', '1', '--warmup', '1', '--peak-n', '128', '--threads', '1']
-TRAIN_KEYS = {'images_per_s', 'step_ms', 'phases_ms', 'phases_total_ms', 'update_and_optimizer_share',
-              'flops_per_step', 'flops_per_image', 'achieved_flops_per_s', 'peak_matmul_flops_per_s', 'mfu',
-              'mfu_cpu_time', 'peak_memory_bytes', 'peak_memory_kind', 'compile_s', 'momentum_update_ms',
+TRAIN_KEYS = {'images_per_s', 'step_ms', 'phases_ms', 'phases_total_ms',
+              'update_and_optimizer_share', 'flops_per_step', 'flops_per_image',
+              'achieved_flops_per_s', 'peak_matmul_flops_per_s', 'mfu', 'mfu_cpu_time',
+              'peak_memory_bytes', 'peak_memory_kind', 'compile_s', 'momentum_update_ms',
               'load_avg', 'threads'}
 
 
@@ -45,11 +46,13 @@ def vit_step_flops_by_hand():
     attn = 2 * 2 * N * N * D  # q k^T and (softmax) v, summed over heads
     projector = 2 * (D * MLP + MLP * MLP + MLP * DIM)  # 3 layers on the class token
     predictor = 2 * (DIM * MLP + MLP * DIM)
-    # query encoder: forward + backward (2x: input and weight grads), except the patch projection, whose input
-    # (the image) needs no gradient; momentum encoder: forward only
-    query = (patch + block + attn + projector + predictor) + (patch + 2 * (block + attn + projector + predictor))
+    # query encoder: forward + backward (2x: input and weight grads), except the patch projection,
+    # whose input (the image) needs no gradient; momentum encoder: forward only
+    query = ((patch + block + attn + projector + predictor)
+             + (patch + 2 * (block + attn + projector + predictor)))
     key = patch + block + attn + projector
-    loss = 2 * (2 * B * B * DIM + 2 * B * B * DIM)  # two losses: q k^T forward, its q-gradient backward
+    # two losses: q k^T forward, its q-gradient backward
+    loss = 2 * (2 * B * B * DIM + 2 * B * B * DIM)
     return 2 * B * (query + key) + loss  # 2 crops of B images through each encoder
 
 
@@ -67,17 +70,18 @@ def test_vit_flops_match_hand_count_and_figures_agree():
     share = (r['phases_ms']['momentum_update'] + r['phases_ms']['optimizer']) / r['phases_total_ms']
     assert r['update_and_optimizer_share'] == pytest.approx(share)
     assert r['peak_memory_bytes'] > 0 and 'RSS' in r['peak_memory_kind']
-    assert set(r['optimizer_ms']) == {f'{o} {i}' for o in ('adamw', 'lars', 'lamb') for i in ('loop', 'foreach')} | {
-        'adamw fused'}
+    assert set(r['optimizer_ms']) == {'adamw loop', 'adamw foreach', 'adamw fused', 'lars', 'lamb'}
     assert all(v > 0 for v in r['optimizer_ms'].values()) and len(r['momentum_update_ms']) == 3
 
 
 def test_resnet_flops_equal_a_plain_counted_step():
-    r = run(['--arch', 'resnet18', '--kw', 'small_stem=True', '--img-size', '8', '--optimizer', 'lars'] + COMMON)
+    r = run(['--arch', 'resnet18', '--kw', 'small_stem=True', '--img-size', '8',
+             '--optimizer', 'lars'] + COMMON)
     torch.manual_seed(0)
     model = moco.build_moco('resnet18', DIM, MLP, T=0.2, small_stem=True)
     x1, x2 = torch.randn(B, 3, 8, 8), torch.randn(B, 3, 8, 8)
-    with FlopCounterMode(display=False) as counter:  # torch's own formulas: a ResNet has no attention
+    # torch's own formulas: a ResNet has no attention
+    with FlopCounterMode(display=False) as counter:
         model(x1, x2, 0.99).backward()
     assert r['flops_per_step'] == counter.get_total_flops() > 0
     assert r['concat_crops'] is False  # BN backbone: the crops pass one by one
@@ -91,12 +95,15 @@ def test_grad_ckpt_recomputes_blocks_and_keeps_gradients():
     ckpt = copy.deepcopy(plain)
     bench.enable_grad_ckpt(ckpt.base_encoder)
     calls = {'plain': 0, 'ckpt': 0}
-    plain.base_encoder.blocks[0].attn.register_forward_hook(lambda *a: calls.__setitem__('plain', calls['plain'] + 1))
-    ckpt.base_encoder.blocks[0].attn.register_forward_hook(lambda *a: calls.__setitem__('ckpt', calls['ckpt'] + 1))
+    plain.base_encoder.blocks[0].attn.register_forward_hook(
+        lambda *a: calls.__setitem__('plain', calls['plain'] + 1))
+    ckpt.base_encoder.blocks[0].attn.register_forward_hook(
+        lambda *a: calls.__setitem__('ckpt', calls['ckpt'] + 1))
     x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
     losses = []
     for model in (plain, ckpt):
-        torch.manual_seed(1)  # the same drop-path masks; checkpointing replays them in the recomputation
+        # the same drop-path masks; checkpointing replays them in the recomputation
+        torch.manual_seed(1)
         loss = model(x1, x2, 0.99)
         loss.backward()
         losses.append(loss)
@@ -112,28 +119,32 @@ def test_json_has_documented_keys(capsys):
     run(TINY_VIT + COMMON + ['--grad-ckpt', '--json'])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert TRAIN_KEYS <= set(out) and set(out['phases_ms']) == set(bench.PHASES)
-    assert out['grad_ckpt'] is True and out['flops_per_step'] == vit_step_flops_by_hand()  # model FLOPs
+    # model FLOPs
+    assert out['grad_ckpt'] is True and out['flops_per_step'] == vit_step_flops_by_hand()
 
 
 def test_data_mode_measures_the_pipelines(capsys):
-    r = run(['--data', '--data-images', '2', '--img-size', '16', '--data-src-size', '40', '30', '--json'])
+    r = run(['--data', '--data-images', '2', '--img-size', '16', '--data-src-size', '40', '30',
+             '--json'])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out == json.loads(json.dumps(r))
     assert len(r['decode_per_s']) == len(r['decode_aug_per_s']) == 3 and r['threads'] == 1
-    assert any('train_pretrain' in k for k in r['decode_per_s'])
+    assert any('(training)' in k for k in r['decode_per_s'])
     assert all(r['decode_per_s'][k] > 0 and r['decode_aug_per_s'][k] > 0 for k in r['decode_per_s'])
-    # every variant (PIL or tensor decoding, PIL or kernel blur) yields what the model is fed: two float32 crops
+    # every variant (PIL or tensor decoding, PIL or kernel blur) yields what the model is fed:
+    # two float32 crops
     assert all(c == [[[3, 16, 16], 'torch.float32']] * 2 for c in r['crops'].values())
 
 
 @pytest.mark.parametrize('argv, message', [
     (['--dtype', 'bf16', '--device', 'cpu'], 'CUDA only'),
     (['--arch', 'vit_nope', '--device', 'cpu'], 'unknown arch'),
-    (['--arch', 'resnet18', '--grad-ckpt', '--device', 'cpu', '--img-size', '8', '--moco-mlp-dim', '8'], 'ViT blocks'),
+    (['--arch', 'resnet18', '--grad-ckpt', '--device', 'cpu', '--img-size', '8',
+      '--moco-mlp-dim', '8'], 'ViT blocks'),
     (['--kw', 'depth', '--device', 'cpu'], 'KEY=VALUE'),
     (['--device', 'gpu0'], '--device'),
 ])
 def test_bad_input_is_one_line(argv, message):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         run(argv)
-    assert str(e.value).startswith('error:') and message in str(e.value) and '\n' not in str(e.value)
+    assert message in str(e.value) and '\n' not in str(e.value)

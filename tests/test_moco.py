@@ -1,5 +1,6 @@
-"""moco.py: the loss by hand, the official builder's forward, the momentum update, the key layout, checkpoint
-loading, and 2 processes (gloo) against 1. Run as a script under torch.distributed.run it is the DDP worker."""
+"""moco.py: the loss by hand, the official builder's forward, the momentum update, the key layout,
+checkpoint loading, and 2 processes (gloo) against 1. Run as a script under torch.distributed.run it
+is the DDP worker."""
 import copy
 import json
 import math
@@ -20,7 +21,8 @@ import vit  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models run fastest on one thread, and OpenMP threads spin badly on a shared 2-core machine."""
+    """Tiny models run fastest on one thread, and OpenMP threads spin badly on a shared
+    2-core machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -48,14 +50,16 @@ def grads(model):
 
 
 def max_rel_diff(a, b):
-    """Largest |a - b| over tensors, each relative to the reference tensor's largest entry, floored at 0.1 (gradients
-    here are ~0.1-300; some are 0 up to rounding, e.g. the ViT's last LayerNorm bias, whose shift BN removes)."""
+    """Largest |a - b| over tensors, each relative to the reference tensor's largest entry,
+    floored at 0.1 (gradients here are ~0.1-300; some are 0 up to rounding, e.g. the ViT's last
+    LayerNorm bias, whose shift BN removes)."""
     assert a.keys() == b.keys()
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(0.1)).item() for k in a)
 
 
 def official_forward(model, x1, x2, m):
-    """The official builder's forward, written out: queries, per-tensor momentum update, keys per crop."""
+    """The official builder's forward, written out: queries, per-tensor momentum update,
+    keys per crop."""
     T = model.T
 
     def ctr(q, k):
@@ -87,12 +91,14 @@ def hand_ctr(q, k, T):
 def test_contrastive_loss_equals_hand_computation(T):
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g) * 3
-    assert abs(moco.contrastive_loss(q, k, T).item() - hand_ctr(q, k, T)) <= 1e-5 * hand_ctr(q, k, T)
+    assert (abs(moco.contrastive_loss(q, k, T).item() - hand_ctr(q, k, T))
+            <= 1e-5 * hand_ctr(q, k, T))
 
 
 @pytest.mark.parametrize("T", [0.1, 1.0, 1e4])
 def test_2tau_scaling_makes_the_gradient_free_of_1_over_tau(T):
-    """d(2 tau CE)/d q^ = (2/N) sum_j (p_ij - y_ij) k^_j: no 1/tau. Large tau: (2/N)(mean_j k^_j - k^_i)."""
+    """d(2 tau CE)/d q^ = (2/N) sum_j (p_ij - y_ij) k^_j: no 1/tau.
+    Large tau: (2/N)(mean_j k^_j - k^_i)."""
     g = torch.Generator().manual_seed(0)
     N = 5
     q = torch.randn(N, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -108,28 +114,33 @@ def test_2tau_scaling_makes_the_gradient_free_of_1_over_tau(T):
         limit = 2.0 / N * (kn.mean(0, keepdim=True) - kn).numpy()
         assert np.abs(g_hat - limit).max() < 1e-3
     # through the L2 normalisation: d q^ / d q = (I - q^ q^T) / |q|
-    expected = [(np.eye(8) - np.outer(qn[i], qn[i])) @ g_hat[i] / q[i].norm().item() for i in range(N)]
+    expected = [(np.eye(8) - np.outer(qn[i], qn[i])) @ g_hat[i] / q[i].norm().item()
+                for i in range(N)]
     assert np.abs(q.grad.numpy() - np.stack(expected)).max() < 1e-10
 
 
 # ----------------------------------------------------------------------------- the model's forward
 @pytest.mark.parametrize("make", [tiny_vit_moco, tiny_resnet_moco], ids=["vit", "resnet"])
 def test_forward_equals_official_builder(make):
-    """Our forward (ViT: one backbone pass over both crops; foreach update) against the official order of work."""
+    """Our forward (ViT: one backbone pass over both crops; foreach update) against the official
+    order of work."""
     torch.manual_seed(0)
     ours = make()
     ref = copy.deepcopy(ours)
     x1, x2 = crops(8 if make is tiny_vit_moco else 4)
-    for m in (0.99, 0.9):  # two steps: at the second the momentum encoder differs from the query encoder
+    # two steps: at the second the momentum encoder differs from the query encoder
+    for m in (0.99, 0.9):
         loss, loss_ref = ours(x1, x2, m), official_forward(ref, x1, x2, m)
         loss.backward(), loss_ref.backward()
         assert abs(loss.item() - loss_ref.item()) <= 1e-6 * loss_ref.item()
         assert max_rel_diff(grads(ours), grads(ref)) <= 1e-5
         for a, b in zip(ours.momentum_encoder.parameters(), ref.momentum_encoder.parameters()):
             assert torch.equal(a, b)  # the same arithmetic, bit for bit
-        for (name, a), b in zip(ours.named_buffers(), ref.buffers()):  # per-crop BN statistics, as official
+        # per-crop BN statistics, as official
+        for (name, a), b in zip(ours.named_buffers(), ref.buffers()):
             assert torch.allclose(a.float(), b.float(), atol=1e-6), name
-        with torch.no_grad():  # the same "optimizer step" on both: equal query weights, unequal to the keys'
+        # the same "optimizer step" on both: equal query weights, unequal to the keys'
+        with torch.no_grad():
             for a, b in zip(ours.parameters(), ref.parameters()):
                 if a.grad is not None:
                     b.copy_(a.sub_(0.5 * b.grad))
@@ -150,13 +161,16 @@ def test_concatenated_crops_equal_per_crop_forward():
     loss_t, loss_a = together(x1, x2, 0.99), apart(x1, x2, 0.99)
     loss_t.backward(), loss_a.backward()
     assert abs(loss_t.item() - loss_a.item()) <= 1e-6 * loss_a.item()
-    assert max_rel_diff(grads(together), grads(apart)) <= 1e-5  # float32 rounding of a longer matmul
+    # float32 rounding of a longer matmul
+    assert max_rel_diff(grads(together), grads(apart)) <= 1e-5
 
 
 def test_batchnorm_backbones_run_crops_apart():
-    """Backbone BN normalises over the batch: concatenating the crops would change the numbers, so it is off."""
+    """Backbone BN normalises over the batch: concatenating the crops would change the numbers,
+    so it is off."""
     assert not tiny_resnet_moco().concat_crops
-    conv = moco.build_moco("vit_conv_small", dim=16, mlp_dim=32, img_size=32, embed_dim=64, depth=1, num_heads=2)
+    conv = moco.build_moco("vit_conv_small", dim=16, mlp_dim=32, img_size=32, embed_dim=64,
+                           depth=1, num_heads=2)
     assert not conv.concat_crops
     torch.manual_seed(0)
     model = tiny_resnet_moco()
@@ -178,7 +192,8 @@ def test_gradients_reach_the_query_side_only():
     torch.manual_seed(0)
     model = tiny_vit_moco()
     assert all(not p.requires_grad for p in model.momentum_encoder.parameters())
-    for p in model.momentum_encoder.parameters():  # even if someone turns gradients on, the keys carry none
+    # even if someone turns gradients on, the keys carry none
+    for p in model.momentum_encoder.parameters():
         p.requires_grad = True
     x1, x2 = crops(8)
     model(x1, x2, 0.99).backward()
@@ -208,7 +223,8 @@ def test_momentum_update():
         assert np.abs(a.double().numpy() - hand).max() <= 1e-6 * max(1.0, np.abs(hand).max())
     model.update_momentum_encoder(0.0)  # m = 0: a copy of the query encoder
     assert all(torch.equal(a, b) for a, b in zip(model.momentum_encoder.parameters(), q))
-    # parameters only: the momentum encoder's BN running statistics are untouched, as in the official code
+    # parameters only: the momentum encoder's BN running statistics are untouched,
+    # as in the official code
     assert all(torch.equal(a, b) for a, b in zip(model.momentum_encoder.buffers(), buffers))
 
 
@@ -229,53 +245,64 @@ def test_m0_keys_come_from_the_query_encoder():
     assert abs(loss.item() - expected.item()) <= 1e-6
 
 
-# ----------------------------------------------------------------------------- layout and construction
+# -------------------------------------------------------------------------- layout and construction
 def test_key_layout_vit_and_official_state_dict_loads():
     torch.manual_seed(0)
     model = moco.build_moco("vit_tiny", dim=16, mlp_dim=48, **VIT_TINY)
     sd = model.state_dict()
     for enc in ("base_encoder", "momentum_encoder"):
-        heads = {k[len(enc) + 1:]: tuple(v.shape) for k, v in sd.items() if k.startswith(enc + ".head.")}
+        heads = {k[len(enc) + 1:]: tuple(v.shape) for k, v in sd.items()
+                 if k.startswith(enc + ".head.")}
         assert heads == {
             "head.0.weight": (48, 32), "head.3.weight": (48, 48), "head.6.weight": (16, 48),
-            **{f"head.{i}.{n}": (48,) for i in (1, 4) for n in ("weight", "bias", "running_mean", "running_var")},
+            **{f"head.{i}.{n}": (48,) for i in (1, 4)
+               for n in ("weight", "bias", "running_mean", "running_var")},
             "head.1.num_batches_tracked": (), "head.4.num_batches_tracked": (),
             # the last BN has no affine parameters: running statistics only
-            "head.7.running_mean": (16,), "head.7.running_var": (16,), "head.7.num_batches_tracked": ()}
+            "head.7.running_mean": (16,), "head.7.running_var": (16,),
+            "head.7.num_batches_tracked": ()}
     pred = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("predictor.")}
     assert pred == {"predictor.0.weight": (48, 16), "predictor.3.weight": (16, 48),
-                    **{f"predictor.1.{n}": (48,) for n in ("weight", "bias", "running_mean", "running_var")},
+                    **{f"predictor.1.{n}": (48,)
+                       for n in ("weight", "bias", "running_mean", "running_var")},
                     "predictor.1.num_batches_tracked": (), "predictor.4.running_mean": (16,),
                     "predictor.4.running_var": (16,), "predictor.4.num_batches_tracked": ()}
     assert {k.split(".")[0] for k in sd} == {"base_encoder", "momentum_encoder", "predictor"}
     assert "base_encoder.cls_token" in sd and "base_encoder.patch_embed.proj.weight" in sd
-    # an official-layout checkpoint (DDP's 'module.' prefix), made here by renaming ours, loads strictly
+    # an official-layout checkpoint (DDP's 'module.' prefix), made here by renaming ours,
+    # loads strictly
     official = {"module." + k: v.clone() + 0.01 for k, v in sd.items() if v.is_floating_point()}
     official.update({"module." + k: v for k, v in sd.items() if not v.is_floating_point()})
     fresh = moco.build_moco("vit_tiny", dim=16, mlp_dim=48, **VIT_TINY)
     fresh.load_state_dict(moco.strip_prefix(official), strict=True)
-    assert torch.equal(fresh.state_dict()["predictor.3.weight"], official["module.predictor.3.weight"])
+    assert torch.equal(fresh.state_dict()["predictor.3.weight"],
+                       official["module.predictor.3.weight"])
 
 
 def test_key_layout_resnet_and_official_construction():
     torch.manual_seed(0)
     model = tiny_resnet_moco()
     sd = model.state_dict()
-    fc = {k[len("base_encoder."):]: tuple(v.shape) for k, v in sd.items() if k.startswith("base_encoder.fc.")}
+    fc = {k[len("base_encoder."):]: tuple(v.shape) for k, v in sd.items()
+          if k.startswith("base_encoder.fc.")}
     assert fc == {"fc.0.weight": (32, 512), "fc.3.weight": (16, 32),
                   **{f"fc.1.{n}": (32,) for n in ("weight", "bias", "running_mean", "running_var")},
-                  "fc.1.num_batches_tracked": (), "fc.4.running_mean": (16,), "fc.4.running_var": (16,),
-                  "fc.4.num_batches_tracked": ()}
+                  "fc.1.num_batches_tracked": (), "fc.4.running_mean": (16,),
+                  "fc.4.running_var": (16,), "fc.4.num_batches_tracked": ()}
     pred = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("predictor.")}
     assert pred == {"predictor.0.weight": (32, 16), "predictor.3.weight": (16, 32),  # no last BN
-                    **{f"predictor.1.{n}": (32,) for n in ("weight", "bias", "running_mean", "running_var")},
+                    **{f"predictor.1.{n}": (32,)
+                       for n in ("weight", "bias", "running_mean", "running_var")},
                     "predictor.1.num_batches_tracked": ()}
     assert all(isinstance(m, nn.Linear) and m.bias is None
-               for m in list(model.base_encoder.fc) + list(model.predictor) if isinstance(m, nn.Linear))
+               for m in list(model.base_encoder.fc) + list(model.predictor)
+               if isinstance(m, nn.Linear))
     # the official code builds its ResNet with zero_init_residual=True; the encoders start equal
-    assert all(b.bn2.weight.abs().sum() == 0 for layer in (model.base_encoder.layer1, model.base_encoder.layer4)
+    assert all(b.bn2.weight.abs().sum() == 0
+               for layer in (model.base_encoder.layer1, model.base_encoder.layer4)
                for b in layer)
-    for a, b in zip(model.base_encoder.state_dict().values(), model.momentum_encoder.state_dict().values()):
+    for a, b in zip(model.base_encoder.state_dict().values(),
+                    model.momentum_encoder.state_dict().values()):
         assert torch.equal(a, b)
 
 
@@ -288,7 +315,8 @@ def test_ablation_switches():
     full, hidden, none = (tiny_vit_moco(head_bn=b) for b in ("all", "hidden", "none"))
     assert (n_bn(full.base_encoder.head), n_bn(full.predictor)) == (3, 2)
     assert (n_bn(hidden.base_encoder.head), n_bn(hidden.predictor)) == (2, 1)
-    assert isinstance(hidden.base_encoder.head[-1], nn.Linear) and isinstance(hidden.predictor[-1], nn.Linear)
+    assert (isinstance(hidden.base_encoder.head[-1], nn.Linear)
+            and isinstance(hidden.predictor[-1], nn.Linear))
     assert (n_bn(none.base_encoder.head), n_bn(none.predictor)) == (0, 0)
     assert [type(m) for m in none.predictor] == [nn.Linear, nn.ReLU, nn.Linear]
     with pytest.raises(ValueError, match="head_bn"):
@@ -300,14 +328,16 @@ def test_ablation_switches():
     ref = copy.deepcopy(no_pred)
     loss = no_pred(x1, x2, 0.99)
     ref.predictor = nn.Identity()
-    assert abs(loss.item() - official_forward(ref, x1, x2, 0.99).item()) <= 1e-6  # queries = projector outputs
+    # queries = projector outputs
+    assert abs(loss.item() - official_forward(ref, x1, x2, 0.99).item()) <= 1e-6
 
 
 def test_build_backbone_and_moco_errors():
     with pytest.raises(ValueError, match="resnet50.*vit_base|vit_base.*resnet50"):
         moco.build_backbone("vit_gigantic")
     assert set(moco.ARCHS) == set(vit.ARCHS) | set(resnet.ARCHS)
-    model = moco.convert_sync_batchnorm(tiny_resnet_moco())  # conversion only: SyncBN runs under CUDA DDP
+    # conversion only: SyncBN runs under CUDA DDP
+    model = moco.convert_sync_batchnorm(tiny_resnet_moco())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.predictor.modules()) == 1
     assert list(model.state_dict()) == list(tiny_resnet_moco().state_dict())
@@ -323,23 +353,26 @@ def test_load_backbone_round_trips(tmp_path):
     torch.save({"state_dict": model.state_dict(), "arch": "vit_tiny", "epoch": 1,
                 "backbone_kwargs": {**VIT_TINY, "stop_grad_conv1": True}}, path)
     bb = moco.load_backbone(path).eval()
-    assert isinstance(bb.head, nn.Identity) and bb.patch_embed.proj.weight.requires_grad  # not frozen any more
+    # not frozen any more
+    assert isinstance(bb.head, nn.Identity) and bb.patch_embed.proj.weight.requires_grad
     assert torch.equal(bb(x), model.base_encoder.eval().forward_features(x))
 
-    # the official layout: 'module.' prefix, arch recorded, no backbone settings (passed here instead)
-    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "arch": "vit_tiny",
-                "epoch": 1}, path)
+    # the official layout: 'module.' prefix, arch recorded, no backbone settings
+    # (passed here instead)
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()},
+                "arch": "vit_tiny", "epoch": 1}, path)
     assert torch.equal(moco.load_backbone(path, **VIT_TINY).eval()(x), bb(x))
 
     # a ResNet, and a plain classifier state dict (torchvision-style file, with its fc)
     r = tiny_resnet_moco()
     r(*crops(4), 0.99)
-    torch.save({"state_dict": r.state_dict(), "arch": "resnet18", "backbone_kwargs": {"small_stem": True}}, path)
+    torch.save({"state_dict": r.state_dict(), "arch": "resnet18",
+                "backbone_kwargs": {"small_stem": True}}, path)
     feats = r.base_encoder.eval().forward_features(x)
     assert torch.equal(moco.load_backbone(path).eval()(x), feats)
     plain = resnet.resnet18(small_stem=True, num_classes=10)
-    plain.load_state_dict({**moco.load_backbone(path).state_dict(), "fc.weight": torch.zeros(10, 512),
-                           "fc.bias": torch.zeros(10)})
+    plain.load_state_dict({**moco.load_backbone(path).state_dict(),
+                           "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)})
     torch.save(plain.state_dict(), path)
     assert torch.equal(moco.load_backbone(path, "resnet18", small_stem=True).eval()(x), feats)
 
@@ -361,7 +394,8 @@ def test_load_backbone_bad_files(tmp_path):
     torch.manual_seed(0)
     model = tiny_vit_moco()
     ckpt = tmp_path / "vit.pth"
-    torch.save({"state_dict": model.state_dict(), "arch": "vit_tiny", "backbone_kwargs": VIT_TINY}, ckpt)
+    torch.save({"state_dict": model.state_dict(), "arch": "vit_tiny",
+                "backbone_kwargs": VIT_TINY}, ckpt)
     assert "holds arch 'vit_tiny'" in error(ckpt, "vit_small")
     assert "of another shape" in error(ckpt, embed_dim=64)  # other settings than the checkpoint's
     bare = tmp_path / "bare.pth"
@@ -370,26 +404,51 @@ def test_load_backbone_bad_files(tmp_path):
     assert "missing" in error(bare, "resnet18")  # ViT weights offered as a ResNet
 
 
+def test_load_backbone_without_class_token_and_final_norm(tmp_path):
+    """The keys follow the backbone settings the checkpoint records: no cls_token,
+    L position rows, no norm.*."""
+    torch.manual_seed(0)
+    kw = {**VIT_TINY, "class_token": False, "pool": "avg", "final_norm": False}
+    model = tiny_vit_moco(class_token=False, pool="avg", final_norm=False)
+    model(*crops(4), 0.99)
+    sd = model.state_dict()
+    assert not any(k.endswith(("cls_token", ".norm.weight", ".norm.bias")) for k in sd)
+    assert sd["base_encoder.pos_embed"].shape == (1, 16, 32)  # 4 x 4 patches, no class-token row
+    path = tmp_path / "no_cls.pth"
+    torch.save({"state_dict": sd, "arch": "vit_tiny", "backbone_kwargs": kw}, path)
+    x = torch.randn(3, 3, 16, 16)
+    assert torch.equal(moco.load_backbone(path).eval()(x),
+                       model.base_encoder.eval().forward_features(x))
+    # other settings than the checkpoint's
+    with pytest.raises(ValueError, match="missing.*cls_token"):
+        moco.load_backbone(path, class_token=True)
+
+
 # ----------------------------------------------------------------------------- 2 processes vs 1
-CONFIGS = {  # eval mode: BN uses running statistics, so splitting the batch over processes changes no number
+# eval mode: BN uses running statistics, so splitting the batch over processes changes no number
+CONFIGS = {
     "vit_eval": (tiny_vit_moco, {}, False),
     "resnet_eval": (tiny_resnet_moco, {}, False),
-    "vit_train_bn_free_heads": (tiny_vit_moco, {"head_bn": "none"}, True),  # no BN at all: train mode is exact
+    # no BN at all: train mode is exact
+    "vit_train_bn_free_heads": (tiny_vit_moco, {"head_bn": "none"}, True),
 }
 
 
 def ddp_worker(out_dir):
-    """Each rank: its half of the batch under DDP (keys all-gathered), against the whole batch in one process."""
+    """Each rank: its half of the batch under DDP (keys all-gathered), against the whole batch
+    in one process."""
     torch.set_num_threads(1)
     N, m, results, runs = 2, 0.99, {}, {}
-    for name, (make, kw, train) in CONFIGS.items():  # the 1-process references, before any process group
+    # the 1-process references, before any process group
+    for name, (make, kw, train) in CONFIGS.items():
         torch.manual_seed(0)
         model = make(**kw).train(train)
         x1, x2 = crops(2 * N)
         ref = copy.deepcopy(model)
         loss_ref = ref(x1, x2, m)
         loss_ref.backward()
-        # per-row losses of the whole batch, from the reference's own queries and keys (plain formula)
+        # per-row losses of the whole batch, from the reference's own queries and keys
+        # (plain formula)
         plain = copy.deepcopy(model)
         plain.update_momentum_encoder(m)
         with torch.no_grad():
@@ -409,7 +468,8 @@ def ddp_worker(out_dir):
         loss.backward()  # DDP averages the gradients over the 2 ranks
         mean_loss = loss.detach().clone()
         torch.distributed.all_reduce(mean_loss)
-        results[name] = dict(loss=loss.item(), rank_rows=rows[part].mean().item(), mean_loss=mean_loss.item() / 2,
+        results[name] = dict(loss=loss.item(), rank_rows=rows[part].mean().item(),
+                             mean_loss=mean_loss.item() / 2,
                              loss_ref=loss_ref, rows_mean=rows.mean().item(),
                              grad_diff=max_rel_diff(grads(model), grads_ref))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -422,7 +482,8 @@ def test_two_processes_gloo_equal_one_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1",
            f"--master_port={port}", os.path.abspath(__file__), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -431,8 +492,10 @@ def test_two_processes_gloo_equal_one_process(tmp_path):
             # this rank's loss = the 1-process per-sample losses of its half of the batch, averaged
             assert abs(r["loss"] - r["rank_rows"]) <= 1e-6, (rank, name, r)
             # the 1-process loss is the mean over all 2N samples = the mean of the 2 ranks' losses
-            assert abs(r["mean_loss"] - r["loss_ref"]) <= 1e-6 and abs(r["rows_mean"] - r["loss_ref"]) <= 1e-6
-            # so DDP's gradient average (L_0 + L_1)/2 differentiates exactly the 1-process loss: factor 1
+            assert (abs(r["mean_loss"] - r["loss_ref"]) <= 1e-6
+                    and abs(r["rows_mean"] - r["loss_ref"]) <= 1e-6)
+            # so DDP's gradient average (L_0 + L_1)/2 differentiates exactly the
+            # 1-process loss: factor 1
             assert r["grad_diff"] <= 1e-5, (rank, name, r)
 
 

@@ -1,4 +1,5 @@
-"""vit.py and resnet.py against torchvision's models, hand values of the sin-cos table, MoCo v3's init."""
+"""vit.py and resnet.py against torchvision's models, hand values of the sin-cos table,
+MoCo v3's init."""
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import resnet
 import vit
 
 
-# ----------------------------------------------------------------------------- ResNet vs torchvision
+# ---------------------------------------------------------------------------- ResNet vs torchvision
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_resnet_equals_torchvision(arch):
     torch.manual_seed(0)
@@ -40,7 +41,8 @@ def test_resnet_parameter_count_and_seeded_init_equal_torchvision(arch):
     torch.manual_seed(1)
     ours = getattr(resnet, arch)(zero_init_residual=True)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
-    if arch in ("resnet18", "resnet50"):  # same RNG draws in the same order: bit-identical initialisation
+    # same RNG draws in the same order: bit-identical initialisation
+    if arch in ("resnet18", "resnet50"):
         for (k, a), b in zip(ref.state_dict().items(), ours.state_dict().values()):
             assert torch.equal(a, b), k
 
@@ -61,16 +63,20 @@ def test_resnet200_depth_and_small_stem():
 
 # ----------------------------------------------------------------------------- ViT vs torchvision
 def _torchvision_vit_into_ours(ref, depth):
-    """Map torchvision's ViT state dict onto timm/MoCo v3 names (the mapping lives here, in the test)."""
+    """Map torchvision's ViT state dict onto timm/MoCo v3 names (the mapping lives here,
+    in the test)."""
     sd = ref.state_dict()
     out = {"cls_token": sd["class_token"], "pos_embed": sd["encoder.pos_embedding"],
-           "patch_embed.proj.weight": sd["conv_proj.weight"], "patch_embed.proj.bias": sd["conv_proj.bias"],
+           "patch_embed.proj.weight": sd["conv_proj.weight"],
+           "patch_embed.proj.bias": sd["conv_proj.bias"],
            "norm.weight": sd["encoder.ln.weight"], "norm.bias": sd["encoder.ln.bias"],
            "head.weight": sd["heads.head.weight"], "head.bias": sd["heads.head.bias"]}
     for i in range(depth):
         p = f"encoder.layers.encoder_layer_{i}."
-        for ours_name, theirs in [("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.qkv", "self_attention.in_proj"),
-                                  ("attn.proj", "self_attention.out_proj"), ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.3")]:
+        for ours_name, theirs in [("norm1", "ln_1"), ("norm2", "ln_2"),
+                                  ("attn.qkv", "self_attention.in_proj"),
+                                  ("attn.proj", "self_attention.out_proj"),
+                                  ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.3")]:
             sep = "_" if theirs.endswith("in_proj") else "."
             out[f"blocks.{i}.{ours_name}.weight"] = sd[p + theirs + sep + "weight"]
             out[f"blocks.{i}.{ours_name}.bias"] = sd[p + theirs + sep + "bias"]
@@ -81,23 +87,26 @@ def _torchvision_vit_into_ours(ref, depth):
 def test_vit_equals_torchvision(img):
     torch.manual_seed(0)
     depth, dim, heads = 2, 64, 4
-    ref = torchvision.models.VisionTransformer(image_size=img, patch_size=8, num_layers=depth, num_heads=heads,
-                                               hidden_dim=dim, mlp_dim=4 * dim, num_classes=7).eval()
+    ref = torchvision.models.VisionTransformer(image_size=img, patch_size=8, num_layers=depth,
+                                               num_heads=heads, hidden_dim=dim, mlp_dim=4 * dim,
+                                               num_classes=7).eval()
     with torch.no_grad():  # torchvision zero-inits some tensors; make every weight matter
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    ours = vit.VisionTransformer(img_size=img, patch_size=8, embed_dim=dim, depth=depth, num_heads=heads,
-                                 num_classes=7, pos_embed="learned", pool="token").eval()
+    ours = vit.VisionTransformer(img_size=img, patch_size=8, embed_dim=dim, depth=depth,
+                                 num_heads=heads, num_classes=7, pos_embed="learned",
+                                 pool="token").eval()
     ours.load_state_dict(_torchvision_vit_into_ours(ref, depth), strict=True)
     x = torch.randn(3, 3, img, img)
     assert (ours(x) - ref(x)).abs().max() <= 1e-5
 
 
 def test_vit_state_dict_layout():
-    m = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    m = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                              num_classes=5)
     block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-             "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
-             "mlp.fc2.bias"]
+             "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+             "mlp.fc2.weight", "mlp.fc2.bias"]
     expected = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
     expected += [f"blocks.{i}.{k}" for i in range(2) for k in block]
     expected += ["norm.weight", "norm.bias", "head.weight", "head.bias"]
@@ -110,16 +119,19 @@ def test_vit_state_dict_layout():
 
 
 def _vit_params(dim, depth, patch, img, classes, in_chans=3):
-    """Parameter count of a ViT by formula: patchify, cls, pos, blocks (LN, qkv, proj, MLP x4, LN), final LN, head."""
-    per_block = 2 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + 2 * dim + (4 * dim * dim + 4 * dim) \
-        + (4 * dim * dim + dim)
+    """Parameter count of a ViT by formula: patchify, cls, pos, blocks (LN, qkv, proj, MLP x4, LN),
+    final LN, head."""
+    per_block = 2 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + 2 * dim \
+        + (4 * dim * dim + 4 * dim) + (4 * dim * dim + dim)
     tokens = (img // patch) ** 2 + 1
-    return (in_chans * patch * patch * dim + dim) + dim + tokens * dim + depth * per_block + 2 * dim \
-        + (dim * classes + classes)
+    return (in_chans * patch * patch * dim + dim) + dim + tokens * dim + depth * per_block \
+        + 2 * dim + (dim * classes + classes)
 
 
-@pytest.mark.parametrize("name,dim,depth,patch", [("vit_small", 384, 12, 16), ("vit_base", 768, 12, 16),
-                                                  ("vit_tiny", 192, 12, 16), ("vit_huge", 1280, 32, 14)])
+@pytest.mark.parametrize("name,dim,depth,patch", [("vit_small", 384, 12, 16),
+                                                  ("vit_base", 768, 12, 16),
+                                                  ("vit_tiny", 192, 12, 16),
+                                                  ("vit_huge", 1280, 32, 14)])
 def test_vit_parameter_count(name, dim, depth, patch):
     if name == "vit_huge":  # 632M parameters: build it on the meta device, no memory needed
         with torch.device("meta"):
@@ -142,7 +154,7 @@ def test_vit_configs_of_table1():
     assert vit.vit_large(num_classes=0, depth=24).blocks.__len__() == 24
 
 
-# ----------------------------------------------------------------------------- MoCo v3 initialisation
+# --------------------------------------------------------------------------- MoCo v3 initialisation
 def test_sincos_values_at_pinned_coordinates():
     dim, g = 16, 4
     pe = vit.build_2d_sincos_pos_embed(g, g, dim)
@@ -160,13 +172,15 @@ def test_sincos_values_at_pinned_coordinates():
 def test_vit_init_matches_moco_v3():
     torch.manual_seed(0)
     dim = 96
-    m = vit.VisionTransformer(img_size=64, patch_size=16, embed_dim=dim, depth=2, num_heads=4, num_classes=10)
+    m = vit.VisionTransformer(img_size=64, patch_size=16, embed_dim=dim, depth=2, num_heads=4,
+                              num_classes=10)
     assert not m.pos_embed.requires_grad
     assert torch.equal(m.pos_embed[0], vit.build_2d_sincos_pos_embed(4, 4, dim))
     assert m.cls_token.std() < 3e-6 and m.cls_token.abs().max() > 0
     qkv = m.blocks[0].attn.qkv.weight
     bound = math.sqrt(6 / (dim + dim))
-    assert qkv.abs().max() <= bound and qkv.abs().max() > 0.95 * bound  # not the 3D x D bound sqrt(6/(4D))
+    # not the 3D x D bound sqrt(6/(4D))
+    assert qkv.abs().max() <= bound and qkv.abs().max() > 0.95 * bound
     fc1 = m.blocks[1].mlp.fc1.weight
     bound_fc1 = math.sqrt(6 / (dim + 4 * dim))
     assert fc1.abs().max() <= bound_fc1 and fc1.abs().max() > 0.95 * bound_fc1
@@ -180,12 +194,13 @@ def test_vit_init_matches_moco_v3():
 
 
 def test_stop_grad_conv1_freezes_patch_projection():
-    m = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3,
-                              stop_grad_conv1=True)
+    m = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                              num_classes=3, stop_grad_conv1=True)
     m(torch.randn(2, 3, 32, 32)).sum().backward()
     assert m.patch_embed.proj.weight.grad is None and m.patch_embed.proj.bias.grad is None
     assert m.blocks[0].attn.qkv.weight.grad is not None and m.pos_embed.grad is None
-    free = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    free = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                 num_classes=3)
     free(torch.randn(2, 3, 32, 32)).sum().backward()
     assert free.patch_embed.proj.weight.grad.abs().sum() > 0
 
@@ -204,7 +219,8 @@ def test_pos_embed_and_pool_variants():
     tokens = {}
     avg.norm.register_forward_hook(lambda mod, i, o: tokens.update(x=o))
     out = avg(x)
-    assert torch.allclose(out, tokens["x"][:, 1:].mean(1)) and not torch.allclose(out, tokens["x"][:, 0])
+    assert (torch.allclose(out, tokens["x"][:, 1:].mean(1))
+            and not torch.allclose(out, tokens["x"][:, 0]))
 
 
 def test_other_input_sizes():
@@ -213,7 +229,8 @@ def test_other_input_sizes():
     big = vit.VisionTransformer(**{**kw, "img_size": 64}).eval()
     big.load_state_dict({k: v for k, v in m.state_dict().items() if k != "pos_embed"}, strict=False)
     x = torch.randn(2, 3, 64, 64)
-    assert torch.allclose(m(x), big(x), atol=1e-6)  # sin-cos recomputed for the 8x8 grid == built for it
+    # sin-cos recomputed for the 8x8 grid == built for it
+    assert torch.allclose(m(x), big(x), atol=1e-6)
     learned = vit.VisionTransformer(pos_embed="learned", **kw).eval()
     assert learned(x).shape == (2, 32)
     same = learned.pos_embed_for(4, 4)
@@ -223,8 +240,8 @@ def test_other_input_sizes():
 
 
 def test_drop_path_is_linear_and_train_only():
-    m = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=5, num_heads=2, num_classes=0,
-                              drop_path_rate=0.4)
+    m = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=5, num_heads=2,
+                              num_classes=0, drop_path_rate=0.4)
     assert [b.drop_path.p for b in m.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
     x = torch.randn(4, 3, 32, 32)
     m.eval()
@@ -258,3 +275,87 @@ def test_grad_ckpt_gives_identical_gradients():
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+
+
+# -------------------------------------------------------------- class token and final LN (Sec. 6)
+@pytest.mark.parametrize("pos_embed", ["sincos", "learned", "none"])
+def test_without_class_token_and_final_norm(pos_embed):
+    """The paper's "w/o [CLS]; LN+pool" (class_token=False, pool='avg') and
+    "w/o [CLS]; pool" (final_norm=False)."""
+    g, dim = 4, 32
+    kw = dict(img_size=32, patch_size=8, embed_dim=dim, depth=2, num_heads=2, num_classes=5,
+              pos_embed=pos_embed)
+    torch.manual_seed(0)
+    with_cls = vit.VisionTransformer(**kw)
+    ln_pool = vit.VisionTransformer(class_token=False, pool="avg", **kw).eval()
+    pool = vit.VisionTransformer(class_token=False, pool="avg", final_norm=False, **kw).eval()
+    # parameters: no cls_token and one position row fewer; without the LN no norm.* either
+    names = list(with_cls.state_dict())
+    assert list(ln_pool.state_dict()) == [k for k in names if k != "cls_token"]
+    assert list(pool.state_dict()) == [k for k in names
+                                       if k not in ("cls_token", "norm.weight", "norm.bias")]
+    assert ln_pool.pos_embed.shape == pool.pos_embed.shape == (1, g * g, dim)
+    n_params = _vit_params(dim, 2, 8, 32, 5)
+    assert sum(p.numel() for p in with_cls.parameters()) == n_params
+    # class token, its position row
+    assert sum(p.numel() for p in ln_pool.parameters()) == n_params - 2 * dim
+    # and the LN's weight and bias
+    assert sum(p.numel() for p in pool.parameters()) == n_params - 4 * dim
+    assert (ln_pool.no_weight_decay() == {"pos_embed"}
+            and with_cls.no_weight_decay() == {"pos_embed", "cls_token"})
+    # the L patch rows of the table, no zero row for an absent class token
+    if pos_embed == "sincos":
+        assert torch.equal(ln_pool.pos_embed[0], vit.build_2d_sincos_pos_embed(g, g, dim)[1:])
+        assert (ln_pool.pos_embed[0].abs().sum(1) > 0).all()
+    # tokens: L patch tokens through the blocks, not 1 + L; output = the mean of the
+    # (normalised) tokens
+    x = torch.randn(3, 3, 32, 32)
+    for model, n_tokens in ((with_cls.eval(), 1 + g * g), (ln_pool, g * g), (pool, g * g)):
+        seen = {}
+        model.blocks[0].register_forward_hook(lambda mod, i, o: seen.update(n=i[0].shape[1]))
+        model.blocks[-1].register_forward_hook(lambda mod, i, o: seen.update(x=o))
+        feats = model.forward_features(x)
+        assert seen["n"] == n_tokens and feats.shape == (3, dim)
+    # no LN: plain mean
+    assert torch.allclose(pool.forward_features(x), seen["x"].mean(1), atol=1e-6)
+    ln_pool.blocks[-1].register_forward_hook(lambda mod, i, o: seen.update(x=o))
+    # LN, then mean
+    assert torch.allclose(ln_pool.forward_features(x), ln_pool.norm(seen["x"]).mean(1), atol=1e-6)
+    assert isinstance(pool.norm, nn.Identity) and ln_pool(x).shape == (3, 5)
+    # other grids: sin-cos recomputed, learned interpolated; L rows either way
+    big = ln_pool.pos_embed_for(8, 8)
+    if pos_embed == "none":
+        assert big == 0.0
+    else:
+        assert big.shape == (1, 64, dim) and ln_pool(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+    if pos_embed == "sincos":
+        assert torch.equal(big[0], vit.build_2d_sincos_pos_embed(8, 8, dim)[1:])
+    if pos_embed == "learned":
+        assert ln_pool.pos_embed_for(g, g) is ln_pool.pos_embed
+    # strict round trip of each variant's own state dict
+    fresh = vit.VisionTransformer(class_token=False, pool="avg", final_norm=False, **kw).eval()
+    fresh.load_state_dict(pool.state_dict(), strict=True)
+    assert torch.equal(fresh(x), pool(x))
+
+
+def test_without_class_token_is_a_bag_of_patches():
+    """No class token and no position embedding: permuting the patches changes no number but
+    rounding (Sec. 6)."""
+    m = vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                              num_classes=0, pos_embed="none", class_token=False, pool="avg").eval()
+    x = torch.randn(2, 3, 32, 32)
+    # patch rows and columns reversed
+    perm = x.reshape(2, 3, 4, 8, 4, 8).flip(2).flip(4).reshape(2, 3, 32, 32)
+    assert torch.allclose(m(x), m(perm), atol=1e-5)
+
+
+def test_class_token_switch_errors_and_default_unchanged():
+    with pytest.raises(ValueError, match="pool"):
+        vit.VisionTransformer(class_token=False)  # pool='token' needs the token
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    torch.manual_seed(0)
+    default = vit.VisionTransformer(**kw)
+    torch.manual_seed(0)
+    explicit = vit.VisionTransformer(class_token=True, final_norm=True, pool="token", **kw)
+    assert all(torch.equal(a, b)
+               for a, b in zip(default.state_dict().values(), explicit.state_dict().values()))

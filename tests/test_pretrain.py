@@ -1,5 +1,6 @@
-"""Tests of train_pretrain.py: schedules, recipes, augmentations, kNN, end-to-end steps on tiny generated data
-(ViT and ResNet), 2-process gloo DDP, exact resume, bad input and the NaN stop."""
+"""Tests of train_pretrain.py: schedules, recipes and presets as parser defaults, the official
+commands, end-to-end steps on tiny generated data (ViT and ResNet), 2-process gloo DDP, exact
+resume, bad input and the NaN stop."""
 import json
 import math
 import os
@@ -10,10 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import augment  # noqa: E402
+import data as data_lib  # noqa: E402
+import evaluation  # noqa: E402
 import moco  # noqa: E402
 import train_pretrain as tp  # noqa: E402
 
@@ -40,12 +44,12 @@ def data(tmp_path_factory):
 
 def args_for(data, out, *extra):
     """A tiny run: batch 8 of 16-px images -> 2 steps per epoch."""
-    return tp.get_args_parser().parse_args(
+    return tp.parse_args(
         [data, '--output-dir', str(out), '--knn-data', data, '-b', '8', '--epochs', '1', '--img-size', '16',
          '--moco-dim', '16', '--moco-mlp-dim', '32', '--workers', '0', '--print-freq', '1', *extra])
 
 
-VIT = ('--preset', 'demo', '--lr', '1e-3', '--warmup-epochs', '1')       # the demo's small ViT, patch 4
+VIT = ('--preset', 'demo', '--lr', '1e-3', '--warmup-epochs', '1')  # the demo's small ViT, patch 4
 RESNET = ('--arch', 'resnet18', '--lr', '0.6')
 
 
@@ -77,9 +81,8 @@ def test_momentum_schedule():
 
 
 def recipe(*argv):
-    args = tp.get_args_parser().parse_args(['/data', *argv])
-    kwargs = tp.fill_defaults(args)
-    return args, kwargs
+    args = tp.parse_args(['/data', *argv])
+    return args, tp.backbone_kwargs(args)
 
 
 def test_recipes():
@@ -103,88 +106,17 @@ def test_recipes():
     assert kwargs == {'img_size': 64, 'stop_grad_conv1': False, 'patch_size': 8}
 
 
-def test_augmentations():
-    aug1, aug2 = tp.pretrain_transforms(224, 0.08)
-    for aug, blur_p, solarize_p in ((aug1, 1.0, None), (aug2, 0.1, 0.2)):
-        t = {type(op).__name__: op for op in aug.transforms}
-        assert tuple(t['RandomResizedCrop'].size) == (224, 224) and t['RandomResizedCrop'].scale == (0.08, 1.0)
-        jitter, blur = [op for op in aug.transforms if type(op).__name__ == 'RandomApply']
-        cj = jitter.transforms[0]
-        assert jitter.p == 0.8 and (cj.brightness, cj.contrast, cj.saturation, cj.hue) == \
-            ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
-        assert t['RandomGrayscale'].p == 0.2
-        assert blur.p == blur_p and isinstance(blur.transforms[0], tp.GaussianBlur)
-        assert blur.transforms[0].sigma == (0.1, 2.0) and blur.transforms[0].scale == 1.0
-        if solarize_p is None:
-            assert 'RandomSolarize' not in t
-        else:
-            assert t['RandomSolarize'].p == solarize_p and t['RandomSolarize'].threshold == 128
-        assert t['RandomHorizontalFlip'].p == 0.5
-        assert tuple(t['Normalize'].mean) == tp.IMAGENET_MEAN and tuple(t['Normalize'].std) == tp.IMAGENET_STD
-    small = tp.pretrain_transforms(32, 0.2)[0].transforms[3].transforms[0]
-    assert small.scale == 32 / 224                                    # the same blur relative to the crop
-    x = tp.TwoCrops(aug1, aug2)(Image.new('RGB', (300, 200), (255, 0, 0)))
-    assert [v.shape for v in x] == [(3, 224, 224)] * 2 and x[0].dtype == torch.float32
-
-
-def test_blur_is_pils_gaussian_with_sigma_from_torch_rng():
-    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 50, 3), dtype=np.uint8))
-    torch.manual_seed(3)
-    sigma = torch.empty(()).uniform_(0.1, 2.0).item()
-    torch.manual_seed(3)
-    out = tp.GaussianBlur((0.1, 2.0))(img)
-    assert out.size == img.size and 0.1 <= sigma <= 2.0
-    assert np.array_equal(np.asarray(out), np.asarray(img.filter(ImageFilter.GaussianBlur(radius=sigma))))
-    assert not np.array_equal(np.asarray(out), np.asarray(img))
-    half = tp.GaussianBlur((1.0, 1.0), scale=0.5)(img)               # scale multiplies sigma
-    assert np.array_equal(np.asarray(half), np.asarray(img.filter(ImageFilter.GaussianBlur(radius=0.5))))
-
-
-def test_knn_predict_by_hand():
-    train = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.6, 0.8], [-1.0, 0.0]])
-    labels = torch.tensor([0, 1, 1, 2])
-    query = torch.tensor([[3.0, 0.0]])                         # cosine 1, 0, 0.6, -1 with the four
-    scores = tp.knn_predict(train, labels, query, num_classes=3, k=2, T=0.5)
-    assert torch.allclose(scores, torch.tensor([[math.exp(2.0), math.exp(1.2), 0.0]]))
-
-
-def test_demo_dataset_is_deterministic(tmp_path, monkeypatch):
-    monkeypatch.setattr(tp, 'DEMO_TRAIN', 2)
-    monkeypatch.setattr(tp, 'DEMO_VAL', 1)
-    root = tp.build_demo_dataset(str(tmp_path / 'demo'))
-    assert sorted(os.listdir(os.path.join(root, 'train'))) == sorted(tp.DEMO_CLASSES)
-    assert len(os.listdir(os.path.join(root, 'val', 'star'))) == 1
-    first = open(os.path.join(root, 'train', 'star', '0001.png'), 'rb').read()
-    assert tp.build_demo_dataset(root) == root                 # found: not generated again
-    again = tp.build_demo_dataset(str(tmp_path / 'again'))
-    assert open(os.path.join(again, 'train', 'star', '0001.png'), 'rb').read() == first
-
-
-def test_demo_images_carry_no_colour_cue():
-    """Black and white only (grey at anti-aliased edges), both ways round in every class: the colours can
-    neither classify an image nor tell it from the others, so what contrastive learning finds is shape."""
-    for name in tp.DEMO_CLASSES:
-        backgrounds = set()
-        for seed in range(12):
-            img = np.asarray(tp._demo_image(name, seed)).astype(int)
-            assert (img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all()   # grey levels
-            counts = np.bincount(img[..., 0].ravel(), minlength=256)
-            assert counts[0] + counts[255] > 0.7 * img[..., 0].size and counts[0] > 0 and counts[255] > 0
-            backgrounds.add(int(img[0, 0, 0]))                 # a corner: no shape reaches it
-        assert backgrounds == {0, 255}, name
-
-
 # ----------------------------------------------------------------------------- end to end
 def check_run(out, iters, lr, warmup, epochs):
     """The checkpoint loads with weights_only and the log's lr / m follow the schedules step by step."""
     ckpt = load(os.path.join(out, 'checkpoint_last.pth'))
-    assert ckpt['epoch'] == epochs and ckpt['step'] == epochs * iters
+    assert ckpt['epoch'] == epochs
     rows = [r for r in log_rows(out) if 'loss' in r]
     assert [r['step'] for r in rows] == list(range(epochs * iters))
     for r in rows:
         e = r['step'] / iters
         assert r['lr'] == pytest.approx(tp.adjust_learning_rate(e, lr, warmup, epochs))
-        assert r['m'] == pytest.approx(tp.adjust_moco_momentum(e, ckpt['args']['moco_m'], epochs))
+        assert r['m'] == pytest.approx(tp.adjust_moco_momentum(e, ckpt['args']['moco_m'], epochs, True))
         assert math.isfinite(r['loss']) and r['grad_last'] > 0
     return ckpt, rows
 
@@ -192,14 +124,14 @@ def check_run(out, iters, lr, warmup, epochs):
 def test_two_steps_vit(data, tmp_path):
     tp.main(args_for(data, tmp_path, '--stop-grad-conv1', *VIT))
     ckpt, rows = check_run(str(tmp_path), 2, 1e-3 * 8 / 256, 1, 1)
-    assert all(r['grad_first'] is None for r in rows)          # frozen patch projection: no gradient
-    torch.manual_seed(0)                                       # main's seed: the same initial weights
+    assert all(r['grad_first'] is None for r in rows)  # frozen patch projection: no gradient
+    torch.manual_seed(0)  # main's seed: the same initial weights
     init = moco.build_moco('vit_tiny', 16, 32, 0.2, **ckpt['backbone_kwargs']).state_dict()
     sd = ckpt['state_dict']
     assert torch.equal(sd['base_encoder.patch_embed.proj.weight'], init['base_encoder.patch_embed.proj.weight'])
     assert not torch.equal(sd['base_encoder.blocks.0.attn.qkv.weight'], init['base_encoder.blocks.0.attn.qkv.weight'])
     model = moco.build_moco(ckpt['arch'], 16, 32, **ckpt['backbone_kwargs'])
-    model.load_state_dict(sd)                                  # bare, official layout: loads strictly
+    model.load_state_dict(sd)  # bare, official layout: loads strictly
     assert ckpt['args']['optimizer'] == 'adamw' and ckpt['scaler'] is None
 
 
@@ -211,17 +143,43 @@ def test_two_steps_resnet(data, tmp_path):
     assert all('mu' in s for s in ckpt['optimizer']['state'].values())     # LARS state
 
 
+def losses(out):
+    """step -> loss of the logged steps (the log keeps only what the run has done, also after a resume)."""
+    return {r['step']: r['loss'] for r in log_rows(out) if 'loss' in r}
+
+
 def test_exact_resume(data, tmp_path):
-    """2 epochs in one run == 1 epoch, resume, 1 epoch: bit-identical weights and optimizer state."""
-    common = ('--epochs', '2', '--workers', '1', *VIT)
+    """A run stopped after any saved checkpoint and resumed logs bit-identical losses for every
+    remaining step, and ends with bit-identical weights and optimizer state. No RNG state is saved:
+    none is needed."""
+    common = ('--epochs', '3', '--workers', '1', *VIT)
     tp.main(args_for(data, tmp_path / 'a', '--save-every', '1', *common))
-    tp.main(args_for(data, tmp_path / 'b', '--resume', str(tmp_path / 'a' / 'checkpoint_0001.pth'), *common))
-    a, b = load(tmp_path / 'a' / 'checkpoint_last.pth'), load(tmp_path / 'b' / 'checkpoint_last.pth')
-    assert a['epoch'] == b['epoch'] == 2
-    for k, v in a['state_dict'].items():
-        assert torch.equal(v, b['state_dict'][k]), k
-    for i, s in a['optimizer']['state'].items():
-        assert all(torch.equal(v, b['optimizer']['state'][i][n]) for n, v in s.items())
+    a = load(tmp_path / 'a' / 'checkpoint_last.pth')
+    assert 'rng' not in a and set(a) == {'state_dict', 'arch', 'framework', 'backbone_kwargs', 'epoch',
+                                         'optimizer', 'scaler', 'knn_init', 'args'}
+    full = losses(tmp_path / 'a')
+    assert sorted(full) == list(range(6))
+    for stop in (1, 2):                                        # a --save-every checkpoint, by path
+        out = tmp_path / f'from{stop}'
+        tp.main(args_for(data, out, '--resume', str(tmp_path / 'a' / f'checkpoint_{stop:04d}.pth'), *common))
+        resumed = losses(out)
+        # bit-identical floats
+        assert resumed == {s: v for s, v in full.items() if s >= 2 * stop}, stop
+        b = load(out / 'checkpoint_last.pth')
+        for k, v in a['state_dict'].items():
+            assert torch.equal(v, b['state_dict'][k]), k
+        for i, s in a['optimizer']['state'].items():
+            assert all(torch.equal(v, b['optimizer']['state'][i][n]) for n, v in s.items())
+    # --resume auto in a run dir stopped after epoch 2: the log keeps epochs 1-2 and redoes nothing
+    # twice
+    stopped = tmp_path / 'stopped'
+    stopped.mkdir()
+    (stopped / 'checkpoint_last.pth').write_bytes((tmp_path / 'a' / 'checkpoint_0002.pth').read_bytes())
+    # holds epoch 3 too
+    (stopped / 'log.jsonl').write_text(open(tmp_path / 'a' / 'log.jsonl').read())
+    tp.main(args_for(data, stopped, '--resume', 'auto', *common))
+    assert losses(stopped) == full
+    assert [r['epoch'] for r in log_rows(stopped) if 'knn_top1' in r] == [0, 1, 2, 3]
     one = load(tmp_path / 'a' / 'checkpoint_0001.pth')
     assert not torch.equal(one['state_dict']['predictor.0.weight'], a['state_dict']['predictor.0.weight'])
 
@@ -232,25 +190,29 @@ def free_port():
         return s.getsockname()[1]
 
 
-CHILD = r'''
+CHILD = r"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-import train_pretrain as tp
-data, out = sys.argv[2], sys.argv[3]
+import augment, data, evaluation, train_pretrain as tp
+root, out = sys.argv[2], sys.argv[3]
 run_epoch = tp.train_one_epoch
-def train_one_epoch(model, raw_model, *a, **k):      # keep every rank's weights after the epoch
-    run_epoch(model, raw_model, *a, **k)
+def train_one_epoch(model, *a, **k):                # keep every rank's weights after the epoch
+    run_epoch(model, *a, **k)
+    raw_model = model.module
     params = {n: p.detach() for n, p in raw_model.named_parameters()}
     torch.save(params, f'{out}/rank{dist.get_rank()}.pth')
-    # the gathered features of a sharded loader equal one process's features of the whole set, in order
-    ds = tp.image_folder(data + '/val', tp.eval_transform(16))
-    f, l = tp.extract_features(raw_model.base_encoder, tp.make_loader(ds, 3, dist.get_rank(), 2, 0, False, False, 0),
-                               torch.device('cpu'))
-    ref, ref_l = tp.extract_features(raw_model.base_encoder, torch.utils.data.DataLoader(ds, 5), torch.device('cpu'))
-    torch.save({'equal': torch.allclose(f, ref, atol=1e-5) and torch.equal(l, ref_l)}, f'{out}/gather{dist.get_rank()}.pth')
+    # the gathered features of a sharded loader equal one process's features of the whole set, in
+    order ds = data.image_folder(root + '/val', augment.eval_transform(16))
+    loader = data.make_loader(ds, 3, dist.get_rank(), 2, 0, False, False, 0)
+    f, l = evaluation.extract_features(raw_model.base_encoder, loader, torch.device('cpu'))
+    ref, ref_l = evaluation.extract_features(raw_model.base_encoder, torch.utils.data.DataLoader(ds,
+    5),
+                                             torch.device('cpu'))
+    equal = torch.allclose(f, ref, atol=1e-5) and torch.equal(l, ref_l)
+    torch.save({'equal': equal}, f'{out}/gather{dist.get_rank()}.pth')
 tp.train_one_epoch = train_one_epoch
-tp.main(tp.get_args_parser().parse_args(sys.argv[4:]))
-'''
+tp.main(tp.parse_args(sys.argv[4:]))
+"""
 
 
 def test_two_process_gloo(data, tmp_path):
@@ -263,24 +225,121 @@ def test_two_process_gloo(data, tmp_path):
                         f'--master_port={free_port()}', str(script), ROOT, data, str(tmp_path), *args],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    # DDP averages the gradients: every parameter is the same in both processes. (BN running statistics are
-    # per process on CPU, where there is no SyncBatchNorm; DDP broadcasts rank 0's at each forward.)
+    # DDP averages the gradients: every parameter is the same in both processes. (BN running
+    # statistics are per process on CPU, where there is no SyncBatchNorm; DDP broadcasts rank 0's at
+    # each forward.)
     w0, w1 = load(tmp_path / 'rank0.pth'), load(tmp_path / 'rank1.pth')
     assert len(w0) > 50 and all(torch.equal(v, w1[k]) for k, v in w0.items())
     assert load(tmp_path / 'gather0.pth')['equal'] and load(tmp_path / 'gather1.pth')['equal']
     ckpt = load(tmp_path / 'checkpoint_last.pth')
-    assert ckpt['step'] == 2 and ckpt['args']['batch_size'] == 8     # 8 = 2 processes x 4
-    assert not torch.equal(ckpt['state_dict']['predictor.0.weight'],
-                           moco.build_moco('vit_tiny', 16, 32, 0.2, **ckpt['backbone_kwargs']).state_dict()['predictor.0.weight'])
+    # 2 steps of 8 = 2 processes x 4
+    assert max(losses(tmp_path)) == 1 and ckpt['args']['batch_size'] == 8
+    init = moco.build_moco('vit_tiny', 16, 32, 0.2, **ckpt['backbone_kwargs']).state_dict()
+    assert not torch.equal(ckpt['state_dict']['predictor.0.weight'], init['predictor.0.weight'])
+
+
+def test_user_error_said_once_under_torchrun(tmp_path):
+    """torchrun with 2 processes and a bad DATA: one error line (rank 0's), and both processes exit non-zero."""
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                        f'--master_port={free_port()}', os.path.join(ROOT, 'train_pretrain.py'),
+                        str(tmp_path / 'nowhere'), '--arch', 'resnet18'],
+                       env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    said = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
+    assert said == [f'error: data folder {tmp_path / "nowhere"} does not exist'], r.stderr[-2000:]
+    assert 'train_pretrain.py", line' not in r.stderr                     # no traceback of ours
+    # torchrun's report: both processes failed (exit 1, or killed once the other had failed)
+    assert r.stderr.count('exitcode') >= 2 and 'exitcode  : 0' not in r.stderr
+
+
+# ----------------------------------------------------------------------------- the user's first commands
+def test_data_is_required_unless_demo(tmp_path):
+    args = tp.parse_args(['--arch', 'vit_base'])
+    assert args.data is None and args.preset is None and args.batch_size == 4096
+    with pytest.raises(ValueError, match='DATA is required') as e:
+        tp.main(args)
+    assert '\n' not in str(e.value) and '--preset demo' in str(e.value)
+    for argv in ([], ['--preset', 'demo']):  # the demo: built-in data, its small ViT
+        args = tp.parse_args(argv)
+        assert (args.preset, args.data, args.knn_data, args.arch, args.depth, args.img_size) == \
+            ('demo', data_lib.DEMO_ROOT, data_lib.DEMO_ROOT, 'vit_tiny', 4, 32)
+    # kNN on DATA itself
+    assert tp.parse_args(['--preset', 'demo', '/my/data']).knn_data == '/my/data'
+    assert tp.parse_args(['--preset', 'demo', '/d', '--knn-data', '/k']).knn_data == '/k'
+    args = tp.parse_args(['--preset', 'demo', '--arch', 'resnet18', '--epochs', '300'])  # flags win
+    assert (args.arch, args.depth, args.epochs, args.img_size, args.optimizer) == ('resnet18', None, 300, 32, 'lars')
+
+
+def test_help_shows_the_recipe_of_the_arch(capsys):
+    for argv, shown in ((['--arch', 'vit_base'], '0.00015'), (['-a', 'resnet50', '--epochs', '300'], '0.3')):
+        with pytest.raises(SystemExit):
+            tp.parse_args(argv + ['--help'])
+        text = ' '.join(capsys.readouterr().out.split())
+        assert f'the run uses lr x batch/256 (default: {shown})' in text, text
+
+
+# The commands of the official CONFIG.md, with `python main_moco.py` -> this script and the
+# placeholders filled.
+CONFIG_MD = {
+    'r50_100ep': ("--moco-m-cos --crop-min=.2 --dist-url 'tcp://node0:10001' --multiprocessing-distributed "
+                  "--world-size 2 --rank 0 /data/imagenet",
+                  dict(arch='resnet50', lr=0.6, epochs=100, weight_decay=1e-6, moco_m=0.99, crop_min=0.2,
+                       optimizer='lars', batch_size=4096, moco_t=1.0, warmup_epochs=10)),
+    'r50_300ep': ("--lr=.3 --epochs=300 --moco-m-cos --crop-min=.2 --dist-url 'tcp://node0:10001' "
+                  "--multiprocessing-distributed --world-size 2 --rank 0 /data/imagenet",
+                  dict(lr=0.3, epochs=300, weight_decay=1e-6, moco_m=0.99)),
+    'r50_1000ep': ("--lr=.3 --wd=1.5e-6 --epochs=1000 --moco-m=0.996 --moco-m-cos --crop-min=.2 --dist-url "
+                   "'tcp://node0:10001' --multiprocessing-distributed --world-size 2 --rank 0 /data/imagenet",
+                   dict(lr=0.3, epochs=1000, weight_decay=1.5e-6, moco_m=0.996)),
+    'vit_small_1node': ("-a vit_small -b 1024 --optimizer=adamw --lr=1.5e-4 --weight-decay=.1 --epochs=300 "
+                        "--warmup-epochs=40 --stop-grad-conv1 --moco-m-cos --moco-t=.2 --dist-url "
+                        "'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 "
+                        "/data/imagenet",
+                        dict(arch='vit_small', batch_size=1024, optimizer='adamw', lr=1.5e-4, weight_decay=0.1,
+                             epochs=300, warmup_epochs=40, stop_grad_conv1=True, moco_m_cos=True, moco_t=0.2)),
+    'vit_base_8node': ("-a vit_base --optimizer=adamw --lr=1.5e-4 --weight-decay=.1 --epochs=300 "
+                       "--warmup-epochs=40 --stop-grad-conv1 --moco-m-cos --moco-t=.2 --dist-url "
+                       "'tcp://node0:10001' --multiprocessing-distributed --world-size 8 --rank 0 /data/imagenet",
+                       dict(arch='vit_base', batch_size=4096, crop_min=0.08, moco_m=0.99)),
+}
+
+
+@pytest.mark.parametrize('name', CONFIG_MD)
+def test_official_config_md_commands_parse_unchanged(name):
+    import shlex
+    command, expected = CONFIG_MD[name]
+    args = tp.parse_args(shlex.split(command))
+    assert args.data == '/data/imagenet' and args.launch_mp and args.launch_world_size in ('1', '2', '8')
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_moco_m_zero_is_zero_at_every_step(data, tmp_path):
+    assert [tp.adjust_moco_momentum(e, 0.0, 10, cos) for e in (0, 3.3, 10) for cos in (True, False)] == [0.0] * 6
+    assert tp.adjust_moco_momentum(5, 0.99, 10, False) == 0.99
+    tp.main(args_for(data, tmp_path, '--moco-m', '0', *VIT))
+    assert [r['m'] for r in log_rows(tmp_path) if 'loss' in r] == [0.0, 0.0]
+
+
+def test_log_file_gets_plain_lines_not_bar_frames(data, tmp_path, capsys):
+    tp.main(args_for(data, tmp_path, *VIT))  # under pytest stdout is not a terminal
+    captured = capsys.readouterr()
+    assert '\r' not in captured.out + captured.err
+    assert [line.split(':')[0] for line in captured.out.splitlines() if ' step ' in line] == \
+        ['epoch 1 step 1/2', 'epoch 1 step 2/2']
 
 
 # ----------------------------------------------------------------------------- faults and bad input
 def fails(args, match):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as e:
         tp.main(args)
-    msg = str(e.value.code)
-    assert msg.startswith('error: ') and '\n' not in msg and match in msg, msg
+    msg = str(e.value)
+    assert '\n' not in msg and match in msg, msg
     return msg
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'train_pretrain.py'), *map(str, argv)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
 
 
 def test_bad_data(data, tmp_path):
@@ -289,9 +348,9 @@ def test_bad_data(data, tmp_path):
     fails(args_for(str(tmp_path / 'empty'), tmp_path / 'o', *VIT), 'train')
     (tmp_path / 'empty' / 'train' / 'cls').mkdir(parents=True)
     fails(args_for(str(tmp_path / 'empty'), tmp_path / 'o', *VIT), 'no images')
-    fails(args_for(data, tmp_path / 'o', '-b', '64', *VIT), 'fewer than one batch')
+    fails(args_for(data, tmp_path / 'o', '-b', '64', *VIT), 'fewer than a batch')
     import shutil
-    other = tmp_path / 'other'                                 # kNN labels index the class lists: they must agree
+    other = tmp_path / 'other'  # kNN labels index the class lists: they must agree
     shutil.copytree(data, other)
     shutil.rmtree(other / 'val' / 'disc')
     args = args_for(data, tmp_path / 'o', *VIT)
@@ -304,29 +363,38 @@ def test_unreadable_image_is_named(data, tmp_path):
     bad = tmp_path / 'bad'
     shutil.copytree(data, bad)
     (bad / 'train' / 'disc' / 'broken.png').write_bytes(b'not a png')
-    fails(args_for(str(bad), tmp_path / 'o', '--workers', '1', *VIT), 'broken.png')   # raised in a worker
     fails(args_for(str(bad), tmp_path / 'o', *VIT), 'broken.png')
+    # raised in a loader worker, it reaches the main process with the worker's traceback: the CLI
+    # says one line
+    r = run_cli(bad, '--output-dir', tmp_path / 'o', '-b', '8', '--epochs', '1', '--img-size', '16',
+                '--moco-mlp-dim', '32', '--workers', '1', *VIT)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: cannot read image ') and 'broken.png' in lines[0]
 
 
-def test_bad_arch_optimizer_batch(data, tmp_path, monkeypatch):
-    fails(args_for(data, tmp_path, '--arch', 'vit_gigantic'), 'vit_gigantic')
-    fails(args_for(data, tmp_path, '--arch', 'resnet18', '--optimizer', 'sgd'), 'sgd')
+def test_bad_arch_optimizer_batch(data, tmp_path, monkeypatch, capsys):
+    for flag, value in (('--arch', 'vit_gigantic'), ('--optimizer', 'sgd'), ('--framework', 'dino')):
+        with pytest.raises(SystemExit) as e:
+            args_for(data, tmp_path, flag, value)
+        # argparse: usage + one error line
+        assert e.value.code == 2 and value in capsys.readouterr().err
     monkeypatch.setattr(tp, 'init_distributed', lambda: (0, 3, 0, torch.device('cpu')))
     fails(args_for(data, tmp_path, *VIT), 'not divisible by 3')
 
 
 def test_resume_from_non_checkpoint(data, tmp_path):
     (tmp_path / 'notes.txt').write_text('hello')
-    fails(args_for(data, tmp_path, '--resume', str(tmp_path / 'notes.txt'), *VIT), 'not a checkpoint')
+    fails(args_for(data, tmp_path, '--resume', str(tmp_path / 'notes.txt'), *VIT), 'not a readable checkpoint')
     torch.save({'weights': torch.zeros(2)}, tmp_path / 'other.pth')
-    fails(args_for(data, tmp_path, '--resume', str(tmp_path / 'other.pth'), *VIT), 'not a MoCo v3 checkpoint')
-    fails(args_for(data, tmp_path, '--resume', str(tmp_path / 'missing.pth'), *VIT), 'no checkpoint')
+    fails(args_for(data, tmp_path, '--resume', str(tmp_path / 'other.pth'), *VIT), 'not a MoCo v3 training checkpoint')
+    fails(args_for(data, tmp_path, '--resume', str(tmp_path / 'missing.pth'), *VIT), 'no such file')
+    fails(args_for(data, tmp_path, '--pretrained', str(tmp_path / 'other.pth'), *VIT), 'does not fit')
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train_pretrain.py'), str(tmp_path / 'nowhere')],
-                       capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert r.returncode != 0 and 'Traceback' not in r.stderr
+    r = run_cli(tmp_path / 'nowhere')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
     assert r.stderr.strip().splitlines() == [f'error: data folder {tmp_path / "nowhere"} does not exist']
 
 
@@ -344,3 +412,80 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypat
     assert last['epoch'] == 1
     kept = load(tmp_path / 'checkpoint_0001.pth')
     assert all(torch.equal(v, kept['state_dict'][k]) and v.isfinite().all() for k, v in last['state_dict'].items())
+
+
+# ----------------------------------------------------------------------------- the paper's studies
+STUDIES = {   # flags -> what must differ from the default run's model (and nothing else)
+    ('--framework', 'simclr'): dict(gone=('momentum_encoder.', 'predictor.')),
+    ('--framework', 'byol'): dict(bn_out=0),
+    ('--no-predictor',): dict(gone=('predictor.',)),
+    ('--head-bn', 'hidden'): dict(bn_out=0),
+    ('--head-bn', 'none'): dict(bn_hidden=0, bn_out=0),
+    ('--pos-embed', 'learned'): dict(trained='base_encoder.pos_embed'),
+    ('--pos-embed', 'none'): dict(kwargs={'pos_embed': 'none'}),
+    ('--pool', 'avg'): dict(gone=('base_encoder.cls_token', 'momentum_encoder.cls_token'), tokens=16),
+    ('--pool', 'avg', '--no-final-norm'): dict(gone=('base_encoder.cls_token', 'momentum_encoder.cls_token',
+                                                     'base_encoder.norm.', 'momentum_encoder.norm.'), tokens=16),
+    ('--stop-grad-conv1',): dict(frozen='base_encoder.patch_embed.proj.weight'),
+    ('--grad-ckpt',): dict(kwargs={'grad_ckpt': True}),
+    ('--optimizer', 'lamb'): dict(),
+    ('--optimizer', 'lars'): dict(),
+    ('--moco-m', '0'): dict(),
+}
+
+
+@pytest.fixture(scope='module')
+def default_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('default')
+    tp.main(args_for(data, out, *VIT))
+    return load(out / 'checkpoint_last.pth')
+
+
+def parts(state):
+    """The backbones' keys and shapes; the heads' Linear shapes; their BNs by width (hidden 32, output 16)."""
+    heads = ('.head.', 'predictor.')
+    backbone = {k: v.shape for k, v in state.items() if not any(h in k for h in heads)}
+    linears = sorted((k.split('.')[0], tuple(v.shape)) for k, v in state.items()
+                     if any(h in k for h in heads) and v.ndim == 2)
+    bn = [v.numel() for k, v in state.items() if any(h in k for h in heads) and k.endswith('running_mean')]
+    return backbone, linears, bn.count(32), bn.count(16)
+
+
+@pytest.mark.parametrize('flags', STUDIES, ids=' '.join)
+def test_each_study_runs_two_steps_and_changes_only_its_part(data, tmp_path, default_run, flags):
+    spec = STUDIES[flags]
+    tp.main(args_for(data, tmp_path, *VIT, *flags))
+    ckpt = load(tmp_path / 'checkpoint_last.pth')
+    rows = [r for r in log_rows(tmp_path) if 'loss' in r]
+    assert len(rows) == 2 and all(math.isfinite(r['loss']) for r in rows)
+    gone = spec.get('gone', ())
+    ref = {k: v for k, v in default_run['state_dict'].items() if not k.startswith(gone)}
+    got = ckpt['state_dict']
+    (ref_bb, ref_lin, ref_hid, ref_out), (bb, lin, hid, out) = parts(ref), parts(got)
+    if 'tokens' in spec:  # 16 patches, no class token: 16 rows
+        assert bb.pop('base_encoder.pos_embed')[1] == spec['tokens'] == ref_bb.pop('base_encoder.pos_embed')[1] - 1
+        bb.pop('momentum_encoder.pos_embed'), ref_bb.pop('momentum_encoder.pos_embed')
+    assert bb == ref_bb and lin == ref_lin  # nothing else in the backbones and heads changed
+    assert (hid, out) == (spec.get('bn_hidden', ref_hid), spec.get('bn_out', ref_out)) and ref_out > 0
+    assert ckpt['framework'] == dict(zip(flags, flags[1:])).get('--framework', 'mocov3')
+    for k, v in spec.get('kwargs', {}).items():
+        assert ckpt['backbone_kwargs'][k] == v
+    # every framework: linear, kNN, ...
+    model = moco.load_backbone(str(tmp_path / 'checkpoint_last.pth'))
+    assert model.eval()(torch.zeros(1, 3, 16, 16)).shape == (1, 128)
+    torch.manual_seed(0)  # main's seed: the initial weights
+    init = moco.build_moco('vit_tiny', 16, 32, 0.2, **ckpt['backbone_kwargs']).state_dict()
+    if 'trained' in spec:  # a learned embedding trains
+        assert not torch.equal(got[spec['trained']], init[spec['trained']])
+    if 'frozen' in spec:  # a frozen one keeps its init
+        assert torch.equal(got[spec['frozen']], init[spec['frozen']])
+    if flags == ('--moco-m', '0'):
+        assert [r['m'] for r in rows] == [0.0, 0.0]
+
+
+def test_default_run_is_the_old_one(default_run):
+    """The default MoCo v3 model keeps the official layout: the framework switch changed nothing in it."""
+    assert default_run['framework'] == 'mocov3' and 'base_encoder.cls_token' in default_run['state_dict']
+    torch.manual_seed(0)
+    reference = moco.build_moco('vit_tiny', 16, 32, 0.2, **default_run['backbone_kwargs']).state_dict()
+    assert reference.keys() == default_run['state_dict'].keys()
