@@ -21,7 +21,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def to_normalized_tensor():
     """PIL image -> float32 (3, H, W) in [0, 1] -> normalised with ImageNet's mean and std."""
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
 # ----------------------------------------------------------------------------- pretraining
@@ -70,7 +71,7 @@ class TwoCrops:
         return [self.aug1(img), self.aug2(img)]
 
 
-# ----------------------------------------------------------------------------- evaluation and linear probing
+# --------------------------------------------------------------------- evaluation, linear probing
 def eval_transform(img_size, bicubic=False):
     """Resize the short side to img_size * 256/224, centre crop img_size: the usual evaluation view
     (256 -> 224 at the paper's size). Bilinear as the official main_lincls.py; bicubic as DeiT's
@@ -81,21 +82,22 @@ def eval_transform(img_size, bicubic=False):
 
 
 def linear_transform(img_size):
-    """The official main_lincls.py training view: RandomResizedCrop (scale 0.08-1) and a horizontal flip."""
+    """The official main_lincls.py training view: RandomResizedCrop (scale 0.08-1) and a flip."""
     return v2.Compose([v2.RandomResizedCrop(img_size, antialias=True), v2.RandomHorizontalFlip(),
                        *to_normalized_tensor()])
 
 
 # ----------------------------------------------------------------------------- fine-tuning (DeiT)
-def finetune_transform(img_size, crop_min=0.08, ra_num_ops=2, ra_magnitude=9, ra_mstd=0.5, reprob=0.25,
-                       bicubic=True):
+def finetune_transform(img_size, crop_min=0.08, ra_num_ops=2, ra_magnitude=9, ra_mstd=0.5,
+                       reprob=0.25, bicubic=True):
     """DeiT's per-image augmentation (its timm create_transform): RandomResizedCrop, flip,
     RandAugment 'rand-m9-mstd0.5-inc1' (ra_num_ops=0: none), normalise, random erasing with
     per-pixel normal noise (timm's mode 'pixel'). Bicubic as DeiT; the official transfer recipe is
     bilinear, crop_min 0.05, no RandAugment and no erasing (its transfer/datasets.py builds exactly
     crop + flip)."""
     mode = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR
-    ops = [v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), interpolation=mode, antialias=True),
+    ops = [v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), interpolation=mode,
+                                antialias=True),
            v2.RandomHorizontalFlip()]
     if ra_num_ops > 0:
         ops.append(RandAugment(ra_num_ops, ra_magnitude, ra_mstd, bicubic=bicubic))
@@ -114,7 +116,7 @@ def batch_mixer(mixup, cutmix, num_classes):
     return v2.RandomChoice(ops) if ops else None
 
 
-# ----------------------------------------------------------------------------- RandAugment (timm's, as DeiT)
+# ------------------------------------------------------------------- RandAugment, as timm and DeiT
 # DeiT's 'rand-m9-mstd0.5-inc1' (Cubuk et al. 2020, in timm's variant): 2 ops drawn with replacement
 # from the 15 below, each applied with probability 0.5, at a magnitude m ~ N(9, 0.5) clipped to [0,
 # 10]. The 'inc1' set makes every op stronger as m grows (Posterize keeps fewer bits, Solarize a
@@ -138,11 +140,13 @@ RAND_OPS = {
     'Rotate': (lambda m: m / 10 * 30, True,                              # degrees, [-30, 30]
                lambda img, v, fill, rs: img.rotate(v, resample=rs, fillcolor=fill)),
     'PosterizeIncreasing': (lambda m: 4 - int(m / 10 * 4), False,         # bits kept, 4 down to 0
-                            lambda img, v, fill, rs: _lut(img, lambda i: i & (0xFF << (8 - v)) & 0xFF)),
+                            lambda img, v, fill, rs: _lut(img,
+                                                          lambda i: i & (0xFF << (8 - v)) & 0xFF)),
     'SolarizeIncreasing': (lambda m: 256 - int(m / 10 * 256), False,      # threshold, 256 down to 0
                            lambda img, v, fill, rs: _lut(img, lambda i: 255 - i if i >= v else i)),
     'SolarizeAdd': (lambda m: int(m / 10 * 110), False,  # added below 128, 0 to 110
-                    lambda img, v, fill, rs: _lut(img, lambda i: min(255, i + v) if i < 128 else i)),
+                    lambda img, v, fill, rs: _lut(img,
+                                                  lambda i: min(255, i + v) if i < 128 else i)),
     'ColorIncreasing': (lambda m: m / 10 * 0.9, True,  # enhance factor 1 +- v, [0.1, 1.9]
                         lambda img, v, fill, rs: ImageEnhance.Color(img).enhance(1 + v)),
     'ContrastIncreasing': (lambda m: m / 10 * 0.9, True,
@@ -156,9 +160,11 @@ RAND_OPS = {
     'ShearY': (lambda m: m / 10 * 0.3, True,
                lambda img, v, fill, rs: _affine(img, (1, 0, 0, v, 1, 0), fill, rs)),
     'TranslateXRel': (lambda m: m / 10 * 0.45, True,  # fraction of the width, [-0.45, 0.45]
-                      lambda img, v, fill, rs: _affine(img, (1, 0, v * img.width, 0, 1, 0), fill, rs)),
+                      lambda img, v, fill, rs: _affine(img, (1, 0, v * img.width, 0, 1, 0),
+                                                       fill, rs)),
     'TranslateYRel': (lambda m: m / 10 * 0.45, True,
-                      lambda img, v, fill, rs: _affine(img, (1, 0, 0, 0, 1, v * img.height), fill, rs)),
+                      lambda img, v, fill, rs: _affine(img, (1, 0, 0, 0, 1, v * img.height),
+                                                       fill, rs)),
 }
 
 
@@ -169,12 +175,13 @@ class RandAugment:
     geometric ops resample bicubic as DeiT (its --train-interpolation), or bilinear."""
 
     def __init__(self, num_ops=2, magnitude=9, magnitude_std=0.5, prob=0.5, bicubic=True):
-        self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
+        self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
+        self.prob = prob
         self.fill = tuple(round(255 * m) for m in IMAGENET_MEAN)
         self.resample = Image.BICUBIC if bicubic else Image.BILINEAR
 
     def draw(self):
-        """The random choices for one image -> [(op name, argument)], the ops that apply, in order."""
+        """The random choices for one image -> [(op name, argument)] of the ops that apply."""
         names, chosen = list(RAND_OPS), []
         for i in torch.randint(len(names), (self.num_ops,)).tolist():  # with replacement, as timm
             if torch.rand(()).item() > self.prob:  # skipped, as timm: P = 1 - prob

@@ -36,9 +36,11 @@ def load_image(path):
 
 
 def image_folder(root, transform):
-    """torchvision's ImageFolder (classes = sorted sub-folders, labels = their indices), one-line errors."""
+    """torchvision's ImageFolder (classes = sorted sub-folders, labels = their indices); one-line
+    errors."""
     if not os.path.isdir(root):
-        raise ValueError(f'no folder {root} (expected the ImageNet layout: DATA/train/<class>/<image>)')
+        raise ValueError(f'no folder {root} (expected the ImageNet layout: '
+                         f'DATA/train/<class>/<image>)')
     try:
         return torchvision.datasets.ImageFolder(root, transform, loader=load_image)
     except FileNotFoundError as e:
@@ -46,26 +48,30 @@ def image_folder(root, transform):
 
 
 def check_same_classes(train_set, val_set, root):
-    """Labels are indices into each set's sorted class list, so train/ and val/ must list the same classes."""
+    """Labels are indices into each set's sorted class list: train/ and val/ must list the same
+    classes."""
     if val_set.classes != train_set.classes:
         raise ValueError(f'the classes of {root}/val differ from those of {root}/train')
 
 
-# ----------------------------------------------------------------------------- labelled sets by name
+# ------------------------------------------------------------------------- labelled sets by name
 # The paper's transfer sets (official transfer/README.md), read from a local ROOT with torchvision's
 # classes in torchvision's layout, never downloaded: name -> (what ROOT must hold, the layout in
 # words).
 TRANSFER_LAYOUTS = {
     'cifar10': (['cifar-10-batches-py/' + f for f in
-                 ('data_batch_1', 'data_batch_2', 'data_batch_3', 'data_batch_4', 'data_batch_5', 'test_batch',
-                  'batches.meta')], "torchvision's CIFAR-10 layout (cifar-10-python.tar.gz unpacked in ROOT)"),
+                 ('data_batch_1', 'data_batch_2', 'data_batch_3', 'data_batch_4', 'data_batch_5',
+                  'test_batch', 'batches.meta')],
+                "torchvision's CIFAR-10 layout (cifar-10-python.tar.gz unpacked in ROOT)"),
     'cifar100': (['cifar-100-python/' + f for f in ('train', 'test', 'meta')],
                  "torchvision's CIFAR-100 layout (cifar-100-python.tar.gz unpacked in ROOT)"),
     'flowers102': (['flowers-102/jpg', 'flowers-102/imagelabels.mat', 'flowers-102/setid.mat'],
-                   "torchvision's Flowers102 layout: ROOT/flowers-102/ with jpg/, imagelabels.mat, setid.mat"),
+                   "torchvision's Flowers102 layout: ROOT/flowers-102/ with jpg/, imagelabels.mat, "
+                   "setid.mat"),
     'pets': (['oxford-iiit-pet/images', 'oxford-iiit-pet/annotations/trainval.txt',
               'oxford-iiit-pet/annotations/test.txt'],
-             "torchvision's OxfordIIITPet layout: ROOT/oxford-iiit-pet/ with images/ and annotations/"),
+             "torchvision's OxfordIIITPet layout: ROOT/oxford-iiit-pet/ with images/ and "
+             "annotations/"),
 }
 DATASETS = ('folder', *TRANSFER_LAYOUTS)
 
@@ -106,15 +112,17 @@ def build_dataset(name, root, split, transform):
             try:
                 import scipy.io  # noqa: F401 (torchvision reads the .mat files with it)
             except ImportError:
-                raise ValueError('reading Flowers102 needs scipy (torchvision reads its .mat files with it): '
-                                 'pip install scipy') from None
+                raise ValueError('reading Flowers102 needs scipy (torchvision reads its .mat files '
+                                 'with it): pip install scipy') from None
             splits = ['train', 'val'] if train else ['test']
-            dataset = torch.utils.data.ConcatDataset([sets.Flowers102(root, s, transform, download=False)
-                                                      for s in splits])
+            dataset = torch.utils.data.ConcatDataset(
+                [sets.Flowers102(root, s, transform, download=False) for s in splits])
             # the names: torchvision >= 0.21 has them; before, the labels' numbers
-            dataset.classes = list(getattr(sets.Flowers102, 'classes', [str(i) for i in range(1, 103)]))
+            numbers = [str(i) for i in range(1, 103)]
+            dataset.classes = list(getattr(sets.Flowers102, 'classes', numbers))
     except RuntimeError as e:  # torchvision: a file is missing or its md5 is wrong
-        raise ValueError(f'{root}: {name} files missing or corrupted ({e}); expected {layout}') from None
+        raise ValueError(f'{root}: {name} files missing or corrupted ({e}); '
+                         f'expected {layout}') from None
     return dataset
 
 
@@ -151,13 +159,13 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
 def make_loader(dataset, batch_size, rank, world_size, workers, train, pin_memory, seed):
     """This process's loader: a DistributedSampler shard (shuffled by (seed, epoch) for training,
     which drops the ragged end; dataset order for evaluation). batch_size is per process."""
-    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed,
-                                                  drop_last=train)
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=train,
+                                                  seed=seed, drop_last=train)
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers,
                                        pin_memory=pin_memory, drop_last=train)
 
 
-# ----------------------------------------------------------------------------- the built-in demo set
+# ------------------------------------------------------------------------- the built-in demo set
 DEMO_ROOT = 'data/moco_demo'
 DEMO_VERSION = 'moco-demo-v3'
 DEMO_SIZE, DEMO_TRAIN, DEMO_VAL = 32, 500, 100          # px; images per class in train/ and in val/
@@ -176,8 +184,8 @@ DEMO_SHAPES = {                                          # outlines in units of 
     'square': [(-.7, -.7), (.7, -.7), (.7, .7), (-.7, .7)],
     'star': _STAR,
     'arrow': [(-1, -.35), (.1, -.35), (.1, -1), (1, 0), (.1, 1), (.1, .35), (-1, .35)],
-    'cross': [(-.35, -1), (.35, -1), (.35, -.35), (1, -.35), (1, .35), (.35, .35), (.35, 1), (-.35, 1),
-              (-.35, .35), (-1, .35), (-1, -.35), (-.35, -.35)],
+    'cross': [(-.35, -1), (.35, -1), (.35, -.35), (1, -.35), (1, .35), (.35, .35), (.35, 1),
+              (-.35, 1), (-.35, .35), (-1, .35), (-1, -.35), (-.35, -.35)],
     'ell': [(-1, -1), (-.3, -1), (-.3, .3), (1, .3), (1, 1), (-1, 1)],
     'tee': [(-1, -1), (1, -1), (1, -.3), (.35, -.3), (.35, 1), (-.35, 1), (-.35, -.3), (-1, -.3)],
     'circle': None, 'ring': None, 'crescent': None}      # these three are drawn as discs
@@ -198,7 +206,8 @@ def _demo_image(name, seed):
         draw.ellipse((x + dx - rr, y + dy - rr, x + dx + rr, y + dy + rr), colour)
 
     if DEMO_SHAPES[name] is not None:                    # rotate by a, scale by r, move to (x, y)
-        draw.polygon([(x + r * (u * math.cos(a) - v * math.sin(a)), y + r * (u * math.sin(a) + v * math.cos(a)))
+        draw.polygon([(x + r * (u * math.cos(a) - v * math.sin(a)),
+                       y + r * (u * math.sin(a) + v * math.cos(a)))
                       for u, v in DEMO_SHAPES[name]], fg)
     else:
         disc(0, 0, r, fg)
@@ -217,7 +226,8 @@ def build_demo_dataset(root=DEMO_ROOT):
     if os.path.isfile(marker) and open(marker).read().strip() == DEMO_VERSION:
         return root
     if os.path.exists(root) and not os.path.isfile(marker):
-        raise ValueError(f'{root} exists but is not a built-in demo dataset (no {marker}); move it away')
+        raise ValueError(f'{root} exists but is not a built-in demo dataset (no {marker}); '
+                         f'move it away')
     tmp = f'{root.rstrip(os.sep)}.tmp{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     for split, n, offset in (('train', DEMO_TRAIN, 0), ('val', DEMO_VAL, 10 ** 6)):

@@ -32,7 +32,8 @@ import moco
 DEMO_CHECKPOINT = 'output/pretrain/checkpoint_last.pth'
 NOT_PAPER = "cached features: not the paper's protocol"
 PRESETS = {  # the demo: cached features and kNN, the fastest route on a 2-core CPU
-    'demo': dict(data=data.DEMO_ROOT, pretrained=DEMO_CHECKPOINT, cache_features=True, knn=True, epochs=100,
+    'demo': dict(data=data.DEMO_ROOT, pretrained=DEMO_CHECKPOINT, cache_features=True, knn=True,
+                 epochs=100,
                  batch_size=256, workers=1),
 }
 
@@ -42,40 +43,43 @@ def get_args_parser():
     p = argparse.ArgumentParser('MoCo v3 linear probing and kNN', allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('data', nargs='?', metavar='DATA',
-                   help='train/ and val/ in the ImageNet layout (or the root of --dataset). Omit it only for '
-                        'the demo (no arguments at all, or --preset demo)')
-    p.add_argument('--preset', choices=PRESETS, help="demo: probe the pretraining demo's checkpoint")
-    p.add_argument('--dataset', default='folder', choices=data.DATASETS, help='how DATA is laid out')
+                   help='train/ and val/ in the ImageNet layout (or the root of --dataset); '
+                        'omitted only by the demo (no arguments at all, or --preset demo)')
+    p.add_argument('--preset', choices=PRESETS, help="demo: probe the pretraining demo's result")
+    p.add_argument('--dataset', default='folder', choices=data.DATASETS, help="DATA's layout")
     g = p.add_argument_group('model')
     g.add_argument('-a', '--arch', default='resnet50', help="backbone (default: the checkpoint's)")
-    g.add_argument('--pretrained', default='', help="pretraining checkpoint: this project's or an official one")
+    g.add_argument('--pretrained', default='', help='pretraining checkpoint: ours or official')
     g.add_argument('--random-init', action='store_true',
-                   help='build the architecture of --pretrained but keep random weights: the baseline')
+                   help='the architecture of --pretrained with random weights: the baseline')
     g.add_argument('--img-size', type=int, default=224,
-                   help="train and eval crop; eval resizes to img-size*256/224 first (default: checkpoint's)")
+                   help="train and eval crop; eval resizes to img-size*256/224 first")
     g = p.add_argument_group('optimisation (the official main_lincls.py)')
     g.add_argument('--epochs', type=int, default=90)
     g.add_argument('--start-epoch', type=int, default=0, help='first epoch (resume sets it)')
-    g.add_argument('-b', '--batch-size', type=int, default=1024, help='GLOBAL batch, split over processes')
-    g.add_argument('--lr', '--learning-rate', type=float, help='base lr, x batch/256 (CONFIG.md: ViT 3, ResNet 0.1)')
+    g.add_argument('-b', '--batch-size', type=int, default=1024, help='GLOBAL batch')
+    g.add_argument('--lr', '--learning-rate', type=float,
+                   help='base lr, x batch/256 (CONFIG.md: ViT 3, ResNet 0.1)')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--wd', '--weight-decay', type=float, default=0.0, dest='weight_decay')
     g = p.add_argument_group('kNN and the CPU mode')
-    g.add_argument('--knn', action='store_true', help='also report weighted kNN top-1/top-5 on frozen features')
+    g.add_argument('--knn', action='store_true', help='also weighted kNN on frozen features')
     g.add_argument('--knn-k', type=int, default=20, help='neighbours that vote')
-    g.add_argument('--knn-t', type=float, default=0.07, help='temperature of the exp(sim / T) vote weights')
+    g.add_argument('--knn-t', type=float, default=0.07, help='T of the exp(sim / T) vote weights')
     g.add_argument('--cache-features', action='store_true',
-                   help='embed train/val once without augmentation and train the linear layer on those '
-                        "features: minutes instead of hours on a CPU, but NOT the paper's protocol")
+                   help='embed train/val once without augmentation and train the linear layer '
+                        "on those features: minutes instead of hours on a CPU, but NOT the "
+                        "paper's protocol")
     g = p.add_argument_group('run')
-    g.add_argument('-e', '--evaluate', action='store_true', help='only evaluate (e.g. --resume model_best.pth)')
-    g.add_argument('--resume', default='', help="a checkpoint of this script, or 'auto' (the output dir's last)")
+    g.add_argument('-e', '--evaluate', action='store_true', help='only evaluate (with --resume)')
+    g.add_argument('--resume', default='', help="a checkpoint of this script, or 'auto'")
     g.add_argument('--output-dir', default='output/linear')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('-j', '--workers', type=int, default=8)
     g.add_argument('--dtype', default='fp32', choices=['bf16', 'fp16', 'fp32'],
-                   help="autocast dtype of the frozen backbone on CUDA; the official protocol runs fp32 (bf16 is "
-                        "faster, but then not the paper's protocol); the head always trains in fp32")
+                   help="autocast dtype of the frozen backbone on CUDA; the official protocol "
+                        "runs fp32 (bf16 is faster, but then not the paper's protocol); the head "
+                        "always trains in fp32")
     g.add_argument('-p', '--print-freq', type=int, default=10)
     g = p.add_argument_group('official launch flags: accepted and ignored, torchrun sets these')
     for flag in ('--world-size', '--rank', '--dist-url', '--dist-backend', '--gpu'):
@@ -90,7 +94,8 @@ def checkpoint_defaults(path):
         return {}
     ckpt = moco.read_checkpoint(path)
     img_size = (ckpt.get('backbone_kwargs') or {}).get('img_size') or ckpt.get('img_size')
-    return {k: v for k, v in dict(arch=ckpt.get('arch'), img_size=img_size).items() if v is not None}
+    saved = dict(arch=ckpt.get('arch'), img_size=img_size)
+    return {k: v for k, v in saved.items() if v is not None}
 
 
 def parse_args(argv=None):
@@ -136,7 +141,10 @@ def build_model(path, arch, num_classes, weights=True):
     encoder, projector dropped, loaded strictly; random weights when weights=False or no path is
     given) with a fresh linear classifier (`head` of a ViT, `fc` of a ResNet; weight N(0, 0.01),
     bias 0), everything else frozen -> (model, key)."""
-    model = moco.load_backbone(path, arch, weights=weights) if path else moco.build_backbone(arch, num_classes=0)
+    if path:
+        model = moco.load_backbone(path, arch, weights=weights)
+    else:
+        model = moco.build_backbone(arch, num_classes=0)
     key = 'head' if hasattr(model, 'blocks') else 'fc'
     head = nn.Linear(model.num_features, num_classes)
     nn.init.normal_(head.weight, mean=0.0, std=0.01)
@@ -166,7 +174,8 @@ def backbone_batches(model, loader, device, amp_dtype):
     backbone, which gives the head the same gradients as the official model(images) at a fraction of
     the cost."""
     for images, target in loader:
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+        with torch.no_grad(), torch.autocast(**amp):
             feats = model.forward_features(images.to(device, non_blocking=True))   # (B, D)
         yield feats.float(), target.to(device, non_blocking=True)
 
@@ -174,7 +183,10 @@ def backbone_batches(model, loader, device, amp_dtype):
 def feature_batches(feats, labels, batch_size, seed=None):
     """Mini-batches of cached features (N, D), shuffled by `seed` (None: in order)."""
     n = feats.shape[0]
-    order = torch.arange(n) if seed is None else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if seed is None:
+        order = torch.arange(n)
+    else:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     for idx in order.split(batch_size):
         idx = idx.to(feats.device)
         yield feats[idx], labels[idx]
@@ -216,7 +228,8 @@ def read_resume(args):
         raise ValueError(f'{args.resume} is no checkpoint of train_linear.py (a pretraining '
                          f'checkpoint goes to --pretrained)')
     if not args.pretrained:
-        args.pretrained, args.random_init = (resume['args'][k] for k in ('pretrained', 'random_init'))
+        args.pretrained = resume['args']['pretrained']
+        args.random_init = resume['args']['random_init']
     return resume
 
 
@@ -234,7 +247,8 @@ def save(args, log, model, optimizer, epoch, best_acc1, last, is_best):
     with open(os.path.join(args.output_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(log) + '\n')
     ckpt = dict(epoch=epoch + 1, arch=args.arch, img_size=args.img_size, args=vars(args),
-                state_dict=model.state_dict(), optimizer=optimizer.state_dict(), best_acc1=best_acc1)
+                state_dict=model.state_dict(), optimizer=optimizer.state_dict(),
+                best_acc1=best_acc1)
     if not args.cache_features or last:
         moco.save_checkpoint(ckpt, os.path.join(args.output_dir, 'checkpoint_last.pth'))
     if is_best:
@@ -247,10 +261,12 @@ def main(args):
     cuda = device.type == 'cuda'
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.dtype) if cuda else None
     say = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
-    args.show_bar = rank == 0 and not args.cache_features and sys.stdout.isatty() and sys.stderr.isatty()
+    terminal = sys.stdout.isatty() and sys.stderr.isatty()     # else plain lines, no bar frames
+    args.show_bar = rank == 0 and not args.cache_features and terminal
     if args.data is None:
         raise ValueError('DATA is required: a folder with train/ and val/ in the ImageNet layout; '
-                         'for the demo run `python train_linear.py` alone (after train_pretrain.py)')
+                         'for the demo run `python train_linear.py` alone (after '
+                         'train_pretrain.py)')
     if args.batch_size % world:
         raise ValueError(f'batch {args.batch_size} is not divisible by {world} processes')
     resume = read_resume(args)
@@ -287,11 +303,12 @@ def main(args):
     if resume is not None:
         optimizer.load_state_dict(resume['optimizer'])
         start_epoch, best_acc1 = resume['epoch'], resume['best_acc1']
-    protocol = ("the paper's protocol" if amp is None else f"{args.dtype}: not the paper's protocol")
+    protocol = "the paper's protocol" if amp is None else f"{args.dtype}: not the paper's protocol"
     protocol = NOT_PAPER if args.cache_features else protocol
     say(f'{args.arch} <- {args.pretrained if from_file else "random init"}; {num_classes} classes, '
         f'{len(train_set)} train / {len(val_set)} val images at {args.img_size} px; global batch '
-        f'{args.batch_size} = {world} x {per_rank}; base lr {args.lr:g} -> lr {init_lr:g}; {protocol}')
+        f'{args.batch_size} = {world} x {per_rank}; base lr {args.lr:g} -> lr {init_lr:g}; '
+        f'{protocol}')
 
     # ------------------------------------------------------------------------- frozen features
     def features(dataset):                                     # gathered, in dataset order
@@ -337,14 +354,16 @@ def main(args):
         stats = validate()
         best_acc1 = max(best_acc1, stats['top1'])
         log = dict(epoch=epoch, lr=lr, train_loss=train_loss, val_top1=stats['top1'],
-                   val_top5=stats['top5'], val_loss=stats['loss'], best_top1=best_acc1, protocol=protocol)
+                   val_top5=stats['top5'], val_loss=stats['loss'], best_top1=best_acc1,
+                   protocol=protocol)
         last = epoch == args.epochs - 1
         if not args.cache_features or last or (epoch + 1) % 10 == 0:  # cached: milliseconds each
             say(json.dumps(log))
         if rank == 0:
             save(args, log, model, optimizer, epoch, best_acc1, last, stats['top1'] >= best_acc1)
     stats = stats or validate()                                # resumed a finished run
-    sanity_check(model, snapshot or moco.load_backbone(args.pretrained, args.arch).state_dict(), key)
+    reference = snapshot or moco.load_backbone(args.pretrained, args.arch).state_dict()
+    sanity_check(model, reference, key)
     say(f'sanity check passed: the backbone (weights and BN statistics) is bit-identical to '
         f'{"the checkpoint" if from_file else "its initial state"}')
     results.update(top1=stats['top1'], top5=stats['top5'], best_top1=best_acc1)
@@ -357,11 +376,13 @@ def demo(args):
     """The demo: probe the pretraining demo's checkpoint, then the same architecture with random
     weights under the same budget, and print both."""
     if not os.path.isfile(args.pretrained):
-        raise ValueError(f'no demo checkpoint at {args.pretrained}: run `python train_pretrain.py` first')
+        raise ValueError(f'no demo checkpoint at {args.pretrained}: run `python train_pretrain.py` '
+                         f'first')
     trained = main(argparse.Namespace(**vars(args)))
-    baseline = main(argparse.Namespace(**{**vars(args), 'random_init': True,
-                                          'output_dir': os.path.join(args.output_dir, 'random_init')}))
-    print(f'demo linear top-1: {trained["top1"]:.1f}% (random init: {baseline["top1"]:.1f}%) [{NOT_PAPER}]')
+    out = os.path.join(args.output_dir, 'random_init')
+    baseline = main(argparse.Namespace(**{**vars(args), 'random_init': True, 'output_dir': out}))
+    print(f'demo linear top-1: {trained["top1"]:.1f}% (random init: {baseline["top1"]:.1f}%) '
+          f'[{NOT_PAPER}]')
     print(f'demo kNN top-1: {trained["knn_top1"]:.1f}% (random init: {baseline["knn_top1"]:.1f}%)')
     return {'trained': trained, 'random_init': baseline}
 
@@ -375,5 +396,6 @@ if __name__ == '__main__':
         # see; raised in a loader worker it arrives with the worker's traceback: its last line is
         # the message
         if int(os.environ.get('RANK', 0)) == 0 or isinstance(e, data.UnreadableImage):
-            print('error: ' + str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1], file=sys.stderr)
+            print('error: ' + str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1],
+                  file=sys.stderr)
         sys.exit(1)

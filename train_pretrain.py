@@ -40,7 +40,8 @@ RECIPES = {
 # The frameworks the paper compares: SimCLR has no predictor; BYOL's heads have BN in their hidden
 # layers only (BYOL; MoCo v3's appendix); ViTs take the lr and wd of the paper's Sec. 4.2, Fig. 6.
 FRAMEWORKS = {'mocov3': {}, 'simclr': dict(predictor=False), 'byol': dict(head_bn='hidden')}
-FRAMEWORKS_VIT = {'simclr': dict(lr=2e-4, weight_decay=0.1), 'byol': dict(lr=1e-4, weight_decay=3e-2)}
+FRAMEWORKS_VIT = {'simclr': dict(lr=2e-4, weight_decay=0.1),
+                  'byol': dict(lr=1e-4, weight_decay=0.03)}
 PRESETS = {
     # 2 CPU cores, < 10 minutes: a 4-block, 128-wide ViT, 4-px patches, the 32-px built-in images.
     # Trials on that data also chose: m 0.9 (a few hundred steps: the keys must follow); a trained
@@ -96,7 +97,7 @@ def get_args_parser():
     g.add_argument('--epochs', type=int)
     g.add_argument('--start-epoch', type=int, default=0, help='first epoch, for manual restarts')
     g.add_argument('-b', '--batch-size', type=int, help='GLOBAL batch, split over the processes')
-    g.add_argument('--lr', '--learning-rate', type=float, help='base lr; the run uses lr x batch/256')
+    g.add_argument('--lr', '--learning-rate', type=float, help='base; the run uses lr x batch/256')
     g.add_argument('--wd', '--weight-decay', type=float, dest='weight_decay')
     g.add_argument('--optimizer', choices=('lars', 'adamw', 'lamb'),
                    help="lars (ResNet), adamw (ViT) or lamb. LAMB takes the recipe's lr and wd, "
@@ -111,8 +112,9 @@ def get_args_parser():
     g.add_argument('--save-every', type=int, default=0, help='keep checkpoint_<epoch>.pth every N')
     g.add_argument('--knn-data', help='DIR with labelled train/ and val/: kNN top-1 every epoch')
     g.add_argument('--seed', type=int, default=0)
-    g.add_argument('-j', '--workers', type=int, help='loader processes per process',
-                   default=min(8, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+    per_process = (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    g.add_argument('-j', '--workers', type=int, default=min(8, per_process),
+                   help='loader processes per process')
     g.add_argument('--dtype', choices=['bf16', 'fp16', 'fp32'], default='bf16',
                    help='CUDA autocast (fp16 adds a GradScaler); a CPU runs fp32')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
@@ -306,7 +308,8 @@ def resume(path, model, optimizer, scaler, args):
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
         raise ValueError(f'{path} is not a MoCo v3 training checkpoint (no optimizer state)')
     if (ckpt.get('framework', 'mocov3'), ckpt.get('arch')) != (args.framework, args.arch):
-        raise ValueError(f'{path} holds another model than --framework {args.framework} --arch {args.arch}')
+        raise ValueError(f'{path} holds another model than --framework {args.framework} '
+                         f'--arch {args.arch}')
     moco.load_weights(model, ckpt['state_dict'], path)
     try:
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -355,7 +358,8 @@ def main(args):
     knn_loaders = None
     if args.knn_data:  # labelled train/ and val/: kNN monitor
         view = augment.eval_transform(args.img_size)
-        knn_sets = [data.image_folder(os.path.join(args.knn_data, s), view) for s in ('train', 'val')]
+        knn_sets = [data.image_folder(os.path.join(args.knn_data, s), view)
+                    for s in ('train', 'val')]
         data.check_same_classes(*knn_sets, args.knn_data)
         knn_loaders = [shard(s, 256, train=False) for s in knn_sets]
 
@@ -389,7 +393,8 @@ def main(args):
     if args.resume:
         start_epoch, knn_init = resume(args.resume, raw_model, optimizer, scaler, args)
     say(f'global batch {args.batch_size} = {world_size} x {batch} per process; base lr '
-        f'{args.lr:g}, actual lr {args.lr * args.batch_size / 256:g} (= base x {args.batch_size}/256); '
+        f'{args.lr:g}, actual lr {args.lr * args.batch_size / 256:g} '
+        f'(= base x {args.batch_size}/256); '
         f'{args.framework} {args.arch} {backbone_kwargs(args)}; {args.optimizer}; {args.dtype} on '
         f'{device}; {len(loader)} steps/epoch; from epoch {start_epoch}')
     plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}

@@ -201,13 +201,12 @@ def train_one_epoch(model, *a, **k):                # keep every rank's weights 
     raw_model = model.module
     params = {n: p.detach() for n, p in raw_model.named_parameters()}
     torch.save(params, f'{out}/rank{dist.get_rank()}.pth')
-    # the gathered features of a sharded loader equal one process's features of the whole set, in
-    order ds = data.image_folder(root + '/val', augment.eval_transform(16))
+    # the gathered features of a sharded loader equal one process's features of the set, in order
+    ds = data.image_folder(root + '/val', augment.eval_transform(16))
     loader = data.make_loader(ds, 3, dist.get_rank(), 2, 0, False, False, 0)
     f, l = evaluation.extract_features(raw_model.base_encoder, loader, torch.device('cpu'))
-    ref, ref_l = evaluation.extract_features(raw_model.base_encoder, torch.utils.data.DataLoader(ds,
-    5),
-                                             torch.device('cpu'))
+    whole = torch.utils.data.DataLoader(ds, 5)
+    ref, ref_l = evaluation.extract_features(raw_model.base_encoder, whole, torch.device('cpu'))
     equal = torch.allclose(f, ref, atol=1e-5) and torch.equal(l, ref_l)
     torch.save({'equal': equal}, f'{out}/gather{dist.get_rank()}.pth')
 tp.train_one_epoch = train_one_epoch
