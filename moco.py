@@ -193,10 +193,16 @@ def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, *, predictor=True, head_bn="a
     the backbone with num_classes=mlp_dim (its classifier then replaced by the projector;
     a num_classes in backbone_kwargs is ignored) and, for ResNets, zero_init_residual=True unless
     backbone_kwargs says otherwise."""
+    backbone = build_pretraining_backbone(arch, mlp_dim, **backbone_kwargs)
+    return MoCo(backbone, dim, mlp_dim, T, predictor=predictor, head_bn=head_bn)
+
+
+def build_pretraining_backbone(arch, mlp_dim, **backbone_kwargs):
+    """The backbone as the official code builds it for pretraining (MoCo v3, and here SimCLR and
+    BYOL too): num_classes=mlp_dim, and zero_init_residual=True for ResNets unless given."""
     if arch in resnet.ARCHS:
         backbone_kwargs = {"zero_init_residual": True, **backbone_kwargs}
-    backbone = build_backbone(arch, **{**backbone_kwargs, "num_classes": mlp_dim})
-    return MoCo(backbone, dim, mlp_dim, T, predictor=predictor, head_bn=head_bn)
+    return build_backbone(arch, **{**backbone_kwargs, "num_classes": mlp_dim})
 
 
 def convert_sync_batchnorm(model):

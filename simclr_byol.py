@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moco
-import resnet
 import vit
 
 FRAMEWORKS = ("mocov3", "simclr", "byol")
@@ -153,9 +152,7 @@ def build_model(framework, arch, dim=256, mlp_dim=4096, T=None, *, predictor=Non
         raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
     if framework == "simclr" and predictor:
         raise ValueError("SimCLR has no predictor: leave predictor unset (None) or False")
-    if arch in resnet.ARCHS:
-        backbone_kwargs = {"zero_init_residual": True, **backbone_kwargs}
-    backbone = moco.build_backbone(arch, **{**backbone_kwargs, "num_classes": mlp_dim})
+    backbone = moco.build_pretraining_backbone(arch, mlp_dim, **backbone_kwargs)
     given = {k: v for k, v in dict(T=T, predictor=predictor, head_bn=head_bn).items()
              if v is not None}
     if framework == "simclr":
