@@ -9,7 +9,7 @@
 Training mode: random tensors (no loading), `--warmup` untimed steps, then the median of `--steps`
 timed ones of
   * the real step `model(x1, x2, m)` + backward + optimizer step: the headline images/s;
-  * the same step cut into phases with MoCo's own pieces (`update_momentum_encoder`, `encode`,
+  * the same step cut into phases with MoCo's own pieces (`update_momentum_encoder`, the encoders,
     `predictor`, `contrastive_loss`), synchronised between phases on CUDA: momentum update, query
     forward (base encoder + predictor, both crops), momentum forward (no grad), loss, backward,
     optimizer.
@@ -67,8 +67,6 @@ def get_args_parser():
     g.add_argument('--grad-ckpt', action='store_true',
                    help='activation checkpointing of every ViT block')
     g.add_argument('--channels-last', action='store_true', help='NHWC memory format (ResNet convs)')
-    g.add_argument('--no-concat-crops', action='store_true',
-                   help='ViT: one backbone pass per crop (ablation)')
     g.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
     g = p.add_argument_group('measurement')
     g.add_argument('--warmup', type=int, default=2)
@@ -226,8 +224,6 @@ def bench_training(args):
         model = moco.build_moco(args.arch, args.moco_dim, args.moco_mlp_dim, T=0.2, **kwargs)
     except TypeError as e:                        # a --kw the backbone does not take
         raise ValueError(str(e)) from None
-    if args.no_concat_crops:
-        model.concat_crops = False
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=fmt)
     g = torch.Generator().manual_seed(0)
@@ -266,9 +262,10 @@ def bench_training(args):
         with clock(device, t['momentum_update']):
             model.update_momentum_encoder(m)
         with clock(device, t['query_forward']), amp():
-            q1, q2 = [model.predictor(z) for z in model.encode(model.base_encoder, x1, x2)]
+            q1 = model.predictor(model.base_encoder(x1))
+            q2 = model.predictor(model.base_encoder(x2))
         with clock(device, t['momentum_forward']), torch.no_grad(), amp():
-            k1, k2 = model.encode(model.momentum_encoder, x1, x2)
+            k1, k2 = model.momentum_encoder(x1), model.momentum_encoder(x2)
         with clock(device, t['loss']), amp():
             loss = moco.contrastive_loss(q1, k2, model.T) + moco.contrastive_loss(q2, k1, model.T)
         with clock(device, t['backward']):
@@ -308,7 +305,7 @@ def bench_training(args):
                threads=torch.get_num_threads(), load_avg=list(os.getloadavg()),
                optimizer=args.optimizer, compile=args.compile, grad_ckpt=args.grad_ckpt,
                channels_last=args.channels_last, optimizer_impl=OPTIMIZER_IMPL[args.optimizer],
-               concat_crops=model.concat_crops, trainable_params=sum(p.numel() for p in params),
+               trainable_params=sum(p.numel() for p in params),
                images_per_s=B / step_s, step_ms=step_ms, phases_ms=phases, phases_total_ms=total,
                update_and_optimizer_share=(phases['momentum_update'] + phases['optimizer']) / total,
                compile_s=(first - step_s) if args.compile else None,
@@ -335,8 +332,7 @@ def bench_training(args):
 
 def print_training(r):
     gb, g = 2 ** 30, 1e9
-    levers = ([k for k in ('compile', 'grad_ckpt', 'channels_last') if r[k]]
-              + ['concat crops'] * r['concat_crops'])
+    levers = [k for k in ('compile', 'grad_ckpt', 'channels_last') if r[k]]
     print(f"{r['arch']} {r['backbone_kwargs']} | batch {r['batch_size']} x 2 crops, "
           f"{r['img_size']} px | {r['dtype']} on {r['device_name']} "
           f"({r['threads']} threads, load {r['load_avg'][0]:.2f}) | {r['optimizer']} | "

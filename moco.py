@@ -31,7 +31,6 @@ import resnet
 import vit
 
 ARCHS = {**vit.ARCHS, **resnet.ARCHS}
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 HEAD_BN = ("all", "hidden", "none")
 
 
@@ -129,18 +128,11 @@ class MoCo(nn.Module):
             raise ValueError(f"head_bn must be one of {HEAD_BN}, got {head_bn!r}")
         self.T = T
         is_vit = isinstance(backbone, vit.VisionTransformer)
-        self.head_name = "head" if is_vit else "fc"  # where the backbone keeps its classifier
+        head_name = "head" if is_vit else "fc"  # where the backbone keeps its classifier
         hidden_bn, last_bn = head_bn != "none", head_bn == "all"
-        # LayerNorm and attention treat each sample alone, so a BN-free backbone (every ViT but the
-        # conv-stem ones) gives the same features, up to float rounding, whether the two crops pass
-        # separately or as one batch of 2B; one pass means larger matmuls and half the kernel
-        # launches. (With drop_path_rate > 0 the drop masks are drawn for 2B samples at once:
-        # the same distribution, other random numbers.) BN (ResNet, ViT conv stem) normalises over
-        # the batch, so there the crops pass one by one, as in the official code.
-        self.concat_crops = not any(isinstance(mod, _BATCH_NORMS) for mod in backbone.modules())
         # Projector: 3 layers for ViT, 2 for ResNet (Sec. 5, "MLP heads"), in place
         # of the classifier.
-        setattr(backbone, self.head_name,
+        setattr(backbone, head_name,
                 build_mlp(3 if is_vit else 2, backbone.num_features, mlp_dim, dim,
                           last_bn, hidden_bn))
         self.base_encoder = backbone
@@ -159,26 +151,18 @@ class MoCo(nn.Module):
                                     self.base_encoder.parameters()):
             param_k.mul_(m).add_(param_q * (1.0 - m))
 
-    def encode(self, encoder, x1, x2):
-        """Backbone + projector of `encoder` on both crops -> two (B, dim). The projector sees each
-        crop alone, so its BN statistics are per crop, as in the official code."""
-        if self.concat_crops and x1.shape == x2.shape:
-            h1, h2 = encoder.forward_features(torch.cat([x1, x2])).chunk(2)  # (2B, D) -> 2 x (B, D)
-        else:
-            h1, h2 = encoder.forward_features(x1), encoder.forward_features(x2)
-        projector = getattr(encoder, self.head_name)
-        return projector(h1), projector(h2)
-
     def forward(self, x1, x2, m):
         """x1, x2: two augmented views (B, 3, H, W) of the same B images; m: momentum
         (python float) -> loss."""
         # Momentum update first, before the keys, as the official code does. Algorithm 1 updates
         # after the optimizer step instead: the same sequence of weights, shifted by one call.
         self.update_momentum_encoder(m)
-        # queries (B, dim)
-        q1, q2 = (self.predictor(z) for z in self.encode(self.base_encoder, x1, x2))
+        # queries (B, dim): backbone + projector (the backbone's classifier) + predictor, crop by
+        # crop, so that every BN (heads; ResNet) normalises one crop's batch, as the official code
+        q1 = self.predictor(self.base_encoder(x1))
+        q2 = self.predictor(self.base_encoder(x2))
         with torch.no_grad():  # keys: no graph, no gradient (stop-gradient on f_k)
-            k1, k2 = self.encode(self.momentum_encoder, x1, x2)  # (B, dim)
+            k1, k2 = self.momentum_encoder(x1), self.momentum_encoder(x2)  # (B, dim)
         return self.loss(q1, k2) + self.loss(q2, k1)  # symmetrised
 
     def loss(self, q, k):

@@ -108,20 +108,16 @@ class SimCLR(nn.Module):
             raise ValueError(f"head_bn must be one of {moco.HEAD_BN}, got {head_bn!r}")
         self.T = T
         is_vit = isinstance(backbone, vit.VisionTransformer)
-        self.head_name = "head" if is_vit else "fc"
-        self.concat_crops = not any(isinstance(mod, moco._BATCH_NORMS)
-                                    for mod in backbone.modules())
         projector = moco.build_mlp(3 if is_vit else 2, backbone.num_features, mlp_dim, dim,
                                    last_bn=head_bn == "all", hidden_bn=head_bn != "none")
-        setattr(backbone, self.head_name, projector)  # in place of the classifier, as in moco.MoCo
+        # in place of the classifier, as in moco.MoCo
+        setattr(backbone, "head" if is_vit else "fc", projector)
         self.base_encoder = backbone
-
-    encode = moco.MoCo.encode  # backbone + projector on both crops, exactly as for MoCo's queries
 
     def forward(self, x1, x2, m=None):
         """x1, x2: two views (B, 3, H, W) of the same B images; m: unused
         (no momentum encoder) -> loss."""
-        return nt_xent(*self.encode(self.base_encoder, x1, x2), self.T)
+        return nt_xent(self.base_encoder(x1), self.base_encoder(x2), self.T)  # (B, dim) each
 
 
 class BYOL(moco.MoCo):

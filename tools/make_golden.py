@@ -78,12 +78,11 @@ def spelled_out_forward(model, x1, x2, m):
     out = {}
     with torch.no_grad():
         for name, encoder in (("base", model.base_encoder), ("momentum", model.momentum_encoder)):
-            # Backbone features: both crops in one pass, as MoCo.encode does for a BN-free ViT.
-            h = encoder.forward_features(torch.cat([x1, x2]))  # (2B, D)
-            out[f"{name}_h1"], out[f"{name}_h2"] = h.chunk(2)
-        z1, z2 = model.encode(model.base_encoder, x1, x2)  # projector outputs, BN stats per crop
+            for i, x in ((1, x1), (2, x2)):  # backbone features, crop by crop
+                out[f"{name}_h{i}"] = encoder.forward_features(x)  # (B, D)
+        z1, z2 = model.base_encoder(x1), model.base_encoder(x2)  # projector outputs, BN per crop
         q1, q2 = model.predictor(z1), model.predictor(z2)  # queries
-        k1, k2 = model.encode(model.momentum_encoder, x1, x2)  # keys
+        k1, k2 = model.momentum_encoder(x1), model.momentum_encoder(x2)  # keys
         ctr1, ctr2 = moco.contrastive_loss(q1, k2, T), moco.contrastive_loss(q2, k1, T)
     out.update(base_z1=z1, base_z2=z2, q1=q1, q2=q2, k1=k1, k2=k2)
     out.update(ctr_q1_k2=ctr1, ctr_q2_k1=ctr2, loss=ctr1 + ctr2)
