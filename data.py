@@ -218,26 +218,29 @@ def _demo_image(name, seed):
     return img.resize((DEMO_SIZE, DEMO_SIZE), Image.BOX)
 
 
-def build_demo_dataset(root=DEMO_ROOT):
+def build_demo_dataset(root=DEMO_ROOT, train=DEMO_TRAIN, val=DEMO_VAL):
     """Generate the built-in set once (fixed seeds: every run and machine gets the same images) in
-    the ImageNet layout: root/train/<class>/*.png for pretraining, root/val/<class>/*.png held out.
+    the ImageNet layout: root/train/<class>/*.png for pretraining, root/val/<class>/*.png held out;
+    train and val images per class (fewer: the first of the same images, for smoke tests).
     Returns root."""
-    marker = os.path.join(root, 'VERSION')
-    if os.path.isfile(marker) and open(marker).read().strip() == DEMO_VERSION:
+    marker, version = os.path.join(root, 'VERSION'), DEMO_VERSION
+    if (train, val) != (DEMO_TRAIN, DEMO_VAL):
+        version += f' {train}+{val}'
+    if os.path.isfile(marker) and open(marker).read().strip() == version:
         return root
     if os.path.exists(root) and not os.path.isfile(marker):
         raise ValueError(f'{root} exists but is not a built-in demo dataset (no {marker}); '
                          f'move it away')
     tmp = f'{root.rstrip(os.sep)}.tmp{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
-    for split, n, offset in (('train', DEMO_TRAIN, 0), ('val', DEMO_VAL, 10 ** 6)):
+    for split, n, offset in (('train', train, 0), ('val', val, 10 ** 6)):
         for label, name in enumerate(DEMO_CLASSES):
             os.makedirs(os.path.join(tmp, split, name))
             for i in range(n):
                 image = _demo_image(name, offset + label * 10 ** 5 + i)
                 image.save(os.path.join(tmp, split, name, f'{i:04d}.png'))
     with open(os.path.join(tmp, 'VERSION'), 'w') as f:
-        f.write(DEMO_VERSION + '\n')
+        f.write(version + '\n')
     if os.path.exists(root):  # an older version of the demo data: replace it
         shutil.rmtree(root)
     try:

@@ -20,6 +20,7 @@ bare backbone of a checkpoint, for linear probing and fine-tuning) and the SyncB
 conversion for CUDA DDP.
 """
 import copy
+import math
 import os
 
 import torch
@@ -169,6 +170,14 @@ class MoCo(nn.Module):
         """ctr(q, k); simclr_byol.BYOL replaces it by BYOL's loss, the rest of the model
         being the same."""
         return contrastive_loss(q, k, self.T)
+
+
+def adjust_moco_momentum(e, moco_m, epochs, cosine=True):
+    """Key-encoder momentum at fractional epoch e: from moco_m to 1 with a half-cosine (BYOL), or
+    moco_m throughout. m = 0 stays 0: the paper"s ablation (keys from the current query weights)."""
+    if not cosine or moco_m == 0:
+        return moco_m
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * e / epochs)) * (1.0 - moco_m)
 
 
 def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, *, predictor=True, head_bn="all",

@@ -1,9 +1,8 @@
 """MoCo v3 self-supervised pretraining (Chen, Xie, He, ICCV 2021: Sec. 3, Alg. 1, Sec. 4 recipes).
 
     python train_pretrain.py                                 # the demo: a small ViT, CPU, minutes
-    torchrun --nproc_per_node=8 train_pretrain.py --arch vit_base /data/imagenet  # the paper's
-    ViT-B python train_pretrain.py --preset demo --framework byol  # a study of the paper, in
-    miniature
+    torchrun --nproc_per_node=8 train_pretrain.py --arch vit_base /data/imagenet   # the paper's
+    python train_pretrain.py --preset demo --framework byol  # a study of the paper, in miniature
 
 Reads top to bottom: arguments -> distributed setup -> data -> model -> optimizer -> resume -> loop.
 Flags are those of the official main_moco.py: its published commands run unchanged under torchrun.
@@ -28,14 +27,12 @@ import simclr_byol
 from lars_lamb import LAMB, LARS
 
 # ----------------------------------------------------------------------------- arguments
-# The paper's recipes (official CONFIG.md), chosen by --arch; a --preset on top; the user's flags
-# win
+# The paper's recipes (official CONFIG.md), chosen by --arch; a --preset on top; given flags win
 RECIPES = {
     'vit': dict(optimizer='adamw', lr=1.5e-4, weight_decay=0.1, moco_m=0.99, moco_t=0.2,
                 warmup_epochs=40, crop_min=0.08, stop_grad_conv1=True, batch_size=4096, epochs=300),
-    'resnet': dict(optimizer='lars', lr=0.6, weight_decay=1e-6, moco_m=0.99, moco_t=1.0,
-                   warmup_epochs=10, crop_min=0.2, stop_grad_conv1=False, batch_size=4096,
-                   epochs=100),
+    'resnet': dict(optimizer='lars', lr=0.6, weight_decay=1e-6, moco_m=0.99, moco_t=1.0, epochs=100,
+                   warmup_epochs=10, crop_min=0.2, stop_grad_conv1=False, batch_size=4096),
 }
 # The frameworks the paper compares: SimCLR has no predictor; BYOL's heads have BN in their hidden
 # layers only (BYOL; MoCo v3's appendix); ViTs take the lr and wd of the paper's Sec. 4.2, Fig. 6.
@@ -43,10 +40,8 @@ FRAMEWORKS = {'mocov3': {}, 'simclr': dict(predictor=False), 'byol': dict(head_b
 FRAMEWORKS_VIT = {'simclr': dict(lr=2e-4, weight_decay=0.1),
                   'byol': dict(lr=1e-4, weight_decay=0.03)}
 PRESETS = {
-    # 2 CPU cores, < 10 minutes: a 4-block, 128-wide ViT, 4-px patches, the 32-px built-in images.
-    # Trials on that data also chose: m 0.9 (a few hundred steps: the keys must follow); a trained
-    # patch projection (the frozen one cures large-batch spikes, which a batch of 128 does not
-    # have); crops of at least 30% of a 32-px image, so that both views still show the shape.
+    # 2 CPU cores, < 10 minutes, the 32-px built-in images; m 0.9: a few hundred steps, the keys
+    # must follow; no large-batch spikes to cure; crops of >= 30%: both views still show the shape
     'demo': dict(data=data.DEMO_ROOT, arch='vit_tiny', depth=4,
                  embed_dim=128, num_heads=4, img_size=32, patch_size=4, epochs=8, batch_size=128,
                  lr=2e-3, warmup_epochs=1, moco_mlp_dim=1024, moco_m=0.9, stop_grad_conv1=False,
@@ -75,13 +70,11 @@ def get_args_parser():
                    help='freeze the random patch projection: the stability trick of Sec. 4.2')
     g.add_argument('--pos-embed', default='sincos', choices=('sincos', 'learned', 'none'),
                    help='ViT position embedding (76.5 / 76.1 / 74.9)')
-    g.add_argument('--pool', default='token', choices=('token', 'avg'),
-                   help='the class token, or the mean of the patch tokens with no class token '
-                        'in the sequence (76.5 / 76.3 without the final LayerNorm)')
+    g.add_argument('--pool', default='token', choices=('token', 'avg'), help='the class token, or '
+                   'the mean of the patch tokens, no class token (76.5 / 76.3 w/o final LayerNorm)')
     g.add_argument('--final-norm', action=argparse.BooleanOptionalAction, default=True,
                    help='the final LayerNorm of the ViT (with --pool avg: 69.7 with it)')
-    g.add_argument('--grad-ckpt', action='store_true', help='activation checkpointing of the ViT '
-                   'blocks: the same numbers, far less memory, ~1/3 more compute')
+    g.add_argument('--grad-ckpt', action='store_true', help='recompute ViT blocks: less memory')
     g = p.add_argument_group('heads and loss')
     g.add_argument('--moco-dim', type=int, default=256, help='output dim of the MLP heads')
     g.add_argument('--moco-mlp-dim', type=int, default=4096, help='hidden dim of the MLP heads')
@@ -99,9 +92,8 @@ def get_args_parser():
     g.add_argument('-b', '--batch-size', type=int, help='GLOBAL batch, split over the processes')
     g.add_argument('--lr', '--learning-rate', type=float, help='base; the run uses lr x batch/256')
     g.add_argument('--wd', '--weight-decay', type=float, dest='weight_decay')
-    g.add_argument('--optimizer', choices=('lars', 'adamw', 'lamb'),
-                   help="lars (ResNet), adamw (ViT) or lamb. LAMB takes the recipe's lr and wd, "
-                        "which are AdamW's: the paper's Fig. 3 tunes LAMB's lr; tune both")
+    g.add_argument('--optimizer', choices=('lars', 'adamw', 'lamb'), help="lars (ResNet), adamw "
+                   "(ViT) or lamb: give LAMB its own --lr and --wd (Fig. 3), not AdamW's")
     g.add_argument('--momentum', type=float, default=0.9, help='LARS momentum')
     g.add_argument('--warmup-epochs', type=int, help='linear lr warmup, then a half-cosine')
     g.add_argument('--crop-min', type=float, help='smallest RandomResizedCrop area fraction')
@@ -112,9 +104,8 @@ def get_args_parser():
     g.add_argument('--save-every', type=int, default=0, help='keep checkpoint_<epoch>.pth every N')
     g.add_argument('--knn-data', help='DIR with labelled train/ and val/: kNN top-1 every epoch')
     g.add_argument('--seed', type=int, default=0)
-    per_process = (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-    g.add_argument('-j', '--workers', type=int, default=min(8, per_process),
-                   help='loader processes per process')
+    cpus = (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))  # per process
+    g.add_argument('-j', '--workers', type=int, default=min(8, cpus), help='loaders per process')
     g.add_argument('--dtype', choices=['bf16', 'fp16', 'fp32'], default='bf16',
                    help='CUDA autocast (fp16 adds a GradScaler); a CPU runs fp32')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
@@ -131,20 +122,17 @@ def parse_args(argv=None):
     set before the final parse: `--arch vit_base --help` shows what will run; a given flag wins."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument('--preset')
-    pre.add_argument('-a', '--arch')
-    pre.add_argument('--framework')
+    for flags in (['--preset'], ['-a', '--arch'], ['--framework'], ['--knn-data']):
+        pre.add_argument(*flags)
     pre.add_argument('--epochs', type=int)
-    pre.add_argument('--knn-data')
     known, _ = pre.parse_known_args(argv)
     demo = known.preset == 'demo' or not argv                      # no arguments at all: the demo
     preset = dict(PRESETS['demo']) if demo else {}
     arch = known.arch or preset.get('arch', 'resnet50')
     vit = arch.startswith('vit')
-    recipe = {**RECIPES['vit' if vit else 'resnet'], **FRAMEWORKS.get(known.framework, {})}
-    if vit:
-        recipe.update(FRAMEWORKS_VIT.get(known.framework, {}))
-    else:                             # CONFIG.md: longer ResNet-50 runs, lower lr, more decay and m
+    recipe = {**RECIPES['vit' if vit else 'resnet'], **FRAMEWORKS.get(known.framework, {}),
+              **(FRAMEWORKS_VIT.get(known.framework, {}) if vit else {})}
+    if not vit:                       # CONFIG.md: longer ResNet-50 runs, lower lr, more decay and m
         epochs = known.epochs or preset.get('epochs') or recipe['epochs']
         recipe.update(lr=0.6 if epochs < 300 else 0.3, moco_m=0.996 if epochs >= 1000 else 0.99,
                       weight_decay=1.5e-6 if epochs >= 1000 else 1e-6)
@@ -160,8 +148,7 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- distributed setup
 def init_distributed():
-    """torchrun's env:// when RANK is set (NCCL on GPUs, gloo on CPUs), else one plain process.
-    -> (rank, world_size, local_rank, device)"""
+    """torchrun's env:// (NCCL on GPUs, gloo on CPUs) or 1 process -> rank, world, local, device"""
     cuda = torch.cuda.is_available()
     if 'RANK' not in os.environ:
         return 0, 1, 0, torch.device('cuda' if cuda else 'cpu')
@@ -182,41 +169,26 @@ def adjust_learning_rate(e, lr, warmup_epochs, epochs):
     return lr * 0.5 * (1.0 + math.cos(math.pi * (e - warmup_epochs) / (epochs - warmup_epochs)))
 
 
-def adjust_moco_momentum(e, moco_m, epochs, cosine=True):
-    """Key-encoder momentum at fractional epoch e: from moco_m to 1 with a half-cosine (BYOL), or
-    moco_m throughout. m = 0 stays 0: the paper's ablation (keys from the current query weights)."""
-    if not cosine or moco_m == 0:
-        return moco_m
-    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * e / epochs)) * (1.0 - moco_m)
-
-
 # ----------------------------------------------------------------------------- model and log
 def backbone_kwargs(args):
     """The backbone's constructor arguments, kept in every checkpoint: any script rebuilds it."""
     if not args.arch.startswith('vit'):
         return {}
-    kwargs = dict(img_size=args.img_size, stop_grad_conv1=args.stop_grad_conv1)
-    for k in ('patch_size', *VIT_SHAPE):
-        if getattr(args, k) is not None:
+    kwargs = {k: getattr(args, k) for k in ('patch_size', *VIT_SHAPE) if getattr(args, k)}
+    kwargs.update(img_size=args.img_size, stop_grad_conv1=args.stop_grad_conv1)
+    for k, default in dict(pos_embed='sincos', final_norm=True, grad_ckpt=False).items():
+        if getattr(args, k) != default:                       # only what differs from vit.py's
             kwargs[k] = getattr(args, k)
-    if args.pos_embed != 'sincos':
-        kwargs['pos_embed'] = args.pos_embed
     if args.pool == 'avg':                        # the paper's "w/o [CLS]": no token at all
         kwargs.update(class_token=False, pool='avg')
-    if not args.final_norm:
-        kwargs['final_norm'] = False
-    if args.grad_ckpt:
-        kwargs['grad_ckpt'] = True
     return kwargs
 
 
 def start_log(args, plain, start_epoch):
-    """config.json, and log.jsonl holding what this run has done: after a resume, the rows of the
-    epochs about to be redone go."""
+    """config.json; log.jsonl keeps what this run has done (a resume drops the epochs to redo)."""
     with open(os.path.join(args.output_dir, 'config.json'), 'w') as f:
         json.dump(dict(plain, backbone_kwargs=backbone_kwargs(args)), f, indent=1)
-    old = args.resume and os.path.isfile(args.log_path)
-    rows = open(args.log_path).readlines() if old else []
+    rows = open(args.log_path).readlines() if args.resume and os.path.isfile(args.log_path) else []
     with open(args.log_path, 'w') as f:
         f.writelines(r for r in rows if json.loads(r)['epoch'] <= start_epoch)
 
@@ -228,10 +200,8 @@ def append_json(path, row):
 
 def end_of_epoch(backbone, knn_loaders, args, epoch, loss=None):
     """The epoch's line: mean loss and the kNN top-1 (%) of the query backbone on --knn-data."""
-    acc = None
-    if knn_loaders:
-        classes = len(knn_loaders[0].dataset.classes)
-        acc = evaluation.knn_top1(backbone, *knn_loaders, classes, args.device, args.amp_dtype)
+    acc = (evaluation.knn_top1(backbone, *knn_loaders, len(knn_loaders[0].dataset.classes),
+                               args.device, args.amp_dtype) if knn_loaders else None)
     args.say(f'epoch {epoch}/{args.epochs}' + (f': loss {loss:.4f}' if loss is not None else '')
              + (f', kNN top-1 {acc:.1f}%' if acc is not None else ''))
     if args.rank == 0:
@@ -241,9 +211,8 @@ def end_of_epoch(backbone, knn_loaders, args, epoch, loss=None):
 
 # ----------------------------------------------------------------------------- one epoch
 def train_one_epoch(model, optimizer, scaler, loader, epoch, args, spikes):
-    """One pass over the data -> mean loss. Each step sets lr and m from the fractional epoch, as
-    the official code; every print_freq steps (and the last) one JSON line goes to log.jsonl, with
-    the gradient norms of the first layer and the last block: the paper's instability signal."""
+    """One pass over the data -> mean loss. lr and m follow the fractional epoch, as officially;
+    every print_freq steps (and the last) a log.jsonl row: loss, lr, m, first/last-layer grads."""
     iters, device = len(loader), args.device
     lr = args.lr * args.batch_size / 256                      # the linear scaling rule
     bar = tqdm(loader, f'epoch {epoch + 1}/{args.epochs}', disable=not args.show_bar, leave=False)
@@ -254,9 +223,8 @@ def train_one_epoch(model, optimizer, scaler, loader, epoch, args, spikes):
         step_lr = adjust_learning_rate(e, lr, args.warmup_epochs, args.epochs)
         for group in optimizer.param_groups:
             group['lr'] = step_lr
-        m = adjust_moco_momentum(e, args.moco_m, args.epochs, args.moco_m_cos)
-        x1, x2 = (x.to(device, non_blocking=True, memory_format=args.memory_format)
-                  for x in images)                            # (B, 3, H, W) each
+        m = moco.adjust_moco_momentum(e, args.moco_m, args.epochs, args.moco_m_cos)
+        x1, x2 = (x.to(device, non_blocking=True, memory_format=args.memory_format) for x in images)
         with torch.autocast(device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
             loss = model(x1, x2, m)                           # momentum update, then the loss
         optimizer.zero_grad(set_to_none=True)
@@ -302,14 +270,12 @@ def build_optimizer(model, args):
 
 def resume(path, model, optimizer, scaler, args):
     """Weights, optimizer and scaler state of a checkpoint of this script -> (epochs done, kNN at
-    init). Nothing else is needed to resume exactly: an epoch's data order and augmentations depend
-    only on (seed, epoch, rank), see the loop."""
+    init): all an exact resume needs, as data and augmentations depend on (seed, epoch, rank)."""
     ckpt = moco.read_checkpoint(path)
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
         raise ValueError(f'{path} is not a MoCo v3 training checkpoint (no optimizer state)')
     if (ckpt.get('framework', 'mocov3'), ckpt.get('arch')) != (args.framework, args.arch):
-        raise ValueError(f'{path} holds another model than --framework {args.framework} '
-                         f'--arch {args.arch}')
+        raise ValueError(f'{path}: not --framework {args.framework} --arch {args.arch}')
     moco.load_weights(model, ckpt['state_dict'], path)
     try:
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -329,11 +295,10 @@ def main(args):
     args.rank, args.world_size, args.device = rank, world_size, device
     args.say = say = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
     args.show_bar = rank == 0 and sys.stdout.isatty() and sys.stderr.isatty()
-    resnet = args.arch in moco.resnet.ARCHS                   # channels_last: faster convolutions
-    args.memory_format = torch.channels_last if resnet else torch.contiguous_format
+    args.memory_format = torch.channels_last if 'resnet' in args.arch else torch.contiguous_format
     if args.data is None:
-        raise ValueError('DATA is required (the ImageNet layout, DATA/train/<class>/<image>); for '
-                         'the demo run `python train_pretrain.py` alone, or add --preset demo')
+        raise ValueError('DATA is required (DATA/train/<class>/<image>); the demo needs none: '
+                         '`python train_pretrain.py` alone, or --preset demo')
     if args.batch_size % world_size:
         raise ValueError(f'batch size {args.batch_size} is not divisible by {world_size} processes')
     if any(v for k, v in vars(args).items() if k.startswith('launch_')):
@@ -349,17 +314,15 @@ def main(args):
     crops = augment.TwoCrops(*augment.pretrain_transforms(args.img_size, args.crop_min))
     train_set = data.image_folder(os.path.join(args.data, 'train'), crops)
     if len(train_set) < args.batch_size:
-        raise ValueError(f'{len(train_set)} training images, fewer than a batch of '
-                         f'{args.batch_size}')
+        raise ValueError(f'{len(train_set)} images, fewer than a batch of {args.batch_size}')
     batch = args.batch_size // world_size                     # per process
     shard = functools.partial(data.make_loader, rank=rank, world_size=world_size,
                               workers=args.workers, pin_memory=cuda, seed=args.seed)
     loader = shard(train_set, batch, train=True)
     knn_loaders = None
-    if args.knn_data:  # labelled train/ and val/: kNN monitor
-        view = augment.eval_transform(args.img_size)
-        knn_sets = [data.image_folder(os.path.join(args.knn_data, s), view)
-                    for s in ('train', 'val')]
+    if args.knn_data:                                         # labelled train/ and val/: kNN
+        view, root = augment.eval_transform(args.img_size), args.knn_data
+        knn_sets = [data.image_folder(os.path.join(root, s), view) for s in ('train', 'val')]
         data.check_same_classes(*knn_sets, args.knn_data)
         knn_loaders = [shard(s, 256, train=False) for s in knn_sets]
 
@@ -368,16 +331,15 @@ def main(args):
     model = simclr_byol.build_model(args.framework, arch=args.arch, dim=args.moco_dim,
                                     mlp_dim=args.moco_mlp_dim, T=args.moco_t, head_bn=args.head_bn,
                                     predictor=args.predictor, **backbone_kwargs(args))
-    distributed = dist.is_initialized()                       # torchrun: DDP, even for 1 process
-    if distributed and cuda:
+    if dist.is_initialized() and cuda:                        # torchrun: DDP, even for 1 process
         model = moco.convert_sync_batchnorm(model)            # BN statistics over the global batch
     raw_model = model = model.to(device, memory_format=args.memory_format)  # bare module: saved
-    if args.pretrained:
+    if args.pretrained:                                       # weights only: a fresh schedule
         state = moco.read_checkpoint(args.pretrained)['state_dict']
         moco.load_weights(raw_model, state, args.pretrained)
     if args.compile:
         model = torch.compile(model)
-    if distributed:
+    if dist.is_initialized():
         ids = [local_rank] if cuda else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -392,9 +354,8 @@ def main(args):
     start_epoch, knn_init = args.start_epoch, None
     if args.resume:
         start_epoch, knn_init = resume(args.resume, raw_model, optimizer, scaler, args)
-    say(f'global batch {args.batch_size} = {world_size} x {batch} per process; base lr '
-        f'{args.lr:g}, actual lr {args.lr * args.batch_size / 256:g} '
-        f'(= base x {args.batch_size}/256); '
+    say(f'global batch {args.batch_size} = {world_size} x {batch} per process; base lr {args.lr:g}'
+        f', actual lr {args.lr * args.batch_size / 256:g} (= base x {args.batch_size}/256); '
         f'{args.framework} {args.arch} {backbone_kwargs(args)}; {args.optimizer}; {args.dtype} on '
         f'{device}; {len(loader)} steps/epoch; from epoch {start_epoch}')
     plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -424,7 +385,7 @@ def main(args):
                 moco.save_checkpoint(ckpt, os.path.join(args.output_dir, name))
     if args.preset == 'demo' and knn is not None and knn_init is not None:
         say(f'demo kNN top-1: {knn:.1f}% (random init: {knn_init:.1f}%)')
-    if distributed:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return knn
 
@@ -432,8 +393,7 @@ def main(args):
 if __name__ == '__main__':
     try:
         main(parse_args())
-    except ValueError as e:                                   # a user error: one line, no traceback
-        # said once (rank 0), an unreadable image by its reader (from a worker: the last line)
+    except ValueError as e:  # a user error: one line, once (rank 0; a bad image by its reader)
         if int(os.environ.get('RANK', 0)) == 0 or isinstance(e, data.UnreadableImage):
             print('error: ' + str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1],
                   file=sys.stderr)

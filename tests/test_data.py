@@ -65,15 +65,16 @@ def test_knn_predict_by_hand():
     assert torch.allclose(scores, torch.tensor([[math.exp(2.0), math.exp(1.2), 0.0]]))
 
 
-def test_demo_dataset_is_deterministic(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, 'DEMO_TRAIN', 2)
-    monkeypatch.setattr(data, 'DEMO_VAL', 1)
-    root = data.build_demo_dataset(str(tmp_path / 'demo'))
+def test_demo_dataset_is_deterministic(tmp_path):
+    root = data.build_demo_dataset(str(tmp_path / 'demo'), train=2, val=1)  # the smoke-test size
     assert sorted(os.listdir(os.path.join(root, 'train'))) == sorted(data.DEMO_CLASSES)
     assert len(os.listdir(os.path.join(root, 'val', 'star'))) == 1
+    assert len(os.listdir(os.path.join(root, 'train', 'star'))) == 2
+    assert open(os.path.join(root, 'VERSION')).read().split() == [data.DEMO_VERSION, '2+1']
     first = open(os.path.join(root, 'train', 'star', '0001.png'), 'rb').read()
-    assert data.build_demo_dataset(root) == root                 # found: not generated again
-    again = data.build_demo_dataset(str(tmp_path / 'again'))
+    assert data.build_demo_dataset(root, train=2, val=1) == root  # found: not generated again
+    again = data.build_demo_dataset(str(tmp_path / 'again'), train=3, val=1)
+    # the same first images at any size: the smoke set is the start of the full one
     assert open(os.path.join(again, 'train', 'star', '0001.png'), 'rb').read() == first
 
 

@@ -30,7 +30,8 @@ VIT_KW = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, sto
 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
-    """A 3-class ImageFolder (16 px; the class shows in one colour channel) and MoCo checkpoints in our layout."""
+    """A 3-class ImageFolder (16 px; the class shows in one colour channel) and MoCo
+    checkpoints in our layout."""
     tmp = tmp_path_factory.mktemp('ft')
     rng = np.random.default_rng(0)
     for split, n in (('train', 8), ('val', 4)):
@@ -42,14 +43,15 @@ def files(tmp_path_factory):
                 Image.fromarray(a).save(tmp / 'data' / split / f'c{c}' / f'{i}.png')
     torch.manual_seed(0)
     m = moco.build_moco('vit_tiny', dim=16, mlp_dim=32, **VIT_KW)
-    torch.save({'state_dict': m.state_dict(), 'arch': 'vit_tiny', 'backbone_kwargs': VIT_KW, 'epoch': 1},
-               tmp / 'vit.pth')
+    torch.save({'state_dict': m.state_dict(), 'arch': 'vit_tiny', 'backbone_kwargs': VIT_KW,
+                'epoch': 1}, tmp / 'vit.pth')
     r = moco.build_moco('resnet18', dim=16, mlp_dim=32)
     with torch.no_grad():  # non-trivial BN statistics, so copying them is tested
         for name, b in r.named_buffers():
             if 'running' in name:
                 b.uniform_(0.5, 1.5)
-    torch.save({'state_dict': r.state_dict(), 'arch': 'resnet18', 'backbone_kwargs': {}}, tmp / 'r18.pth')
+    torch.save({'state_dict': r.state_dict(), 'arch': 'resnet18', 'backbone_kwargs': {}},
+               tmp / 'r18.pth')
     (tmp / 'notes.txt').write_text('not a checkpoint')
     os.makedirs(tmp / 'no_val')
     os.symlink(tmp / 'data' / 'train', tmp / 'no_val' / 'train')
@@ -65,12 +67,12 @@ def files(tmp_path_factory):
 
 
 def args_for(files, *extra, data='data'):
-    return ft.parse_args([str(files / data), '--pretrained', str(files / 'vit.pth'), '-b', '8', '--epochs', '2',
-                          '--warmup-epochs', '1', '-j', '0', '-p', '1', '--output-dir', str(files / 'out'),
-                          '--no-repeated-aug', *extra])
+    return ft.parse_args([str(files / data), '--pretrained', str(files / 'vit.pth'),
+                          '-b', '8', '--epochs', '2', '--warmup-epochs', '1', '-j', '0', '-p', '1',
+                          '--output-dir', str(files / 'out'), '--no-repeated-aug', *extra])
 
 
-# ----------------------------------------------------------------------------- loading and the fresh head
+# ----------------------------------------------------------------------- loading and the fresh head
 @pytest.mark.parametrize('img_size', [16, 32])
 def test_vit_backbone_loaded_and_head_fresh(files, img_size):
     args = args_for(files, '--img-size', str(img_size))
@@ -108,7 +110,8 @@ def test_resnet_backbone_loaded_and_fc_default(files):
         if not k.startswith('fc.'):
             assert torch.equal(v, ckpt['base_encoder.' + k]), k
             n += 1
-    assert n == len([k for k in ckpt if k.startswith('base_encoder.') and not k.startswith('base_encoder.fc.')])
+    assert n == len([k for k in ckpt
+                     if k.startswith('base_encoder.') and not k.startswith('base_encoder.fc.')])
     bound = 1 / math.sqrt(512)  # nn.Linear's default init
     assert model.fc.weight.shape == (3, 512) and model.fc.weight.abs().max() <= bound
     assert model.fc.weight.std() > bound / 3 and model.fc.bias.abs().max() <= bound
@@ -119,42 +122,49 @@ def test_random_init_takes_architecture_only(files):
     model, _, _ = ft.build_model(args_for(files, '--random-init'), num_classes=3)
     ckpt = torch.load(files / 'vit.pth', weights_only=True)['state_dict']
     assert len(model.blocks) == 2 and model.num_features == 32
-    assert not torch.equal(model.blocks[0].attn.qkv.weight, ckpt['base_encoder.blocks.0.attn.qkv.weight'])
+    assert not torch.equal(model.blocks[0].attn.qkv.weight,
+                           ckpt['base_encoder.blocks.0.attn.qkv.weight'])
 
 
-# ----------------------------------------------------------------------------- parameter groups and schedules
+# ------------------------------------------------------------------- parameter groups and schedules
 def test_no_weight_decay_groups_exact():
-    model = vit.vit_tiny(num_classes=3, embed_dim=32, depth=2, num_heads=2, img_size=16, patch_size=4,
-                         pos_embed='learned')
+    model = vit.vit_tiny(num_classes=3, embed_dim=32, depth=2, num_heads=2, img_size=16,
+                         patch_size=4, pos_embed='learned')
     opt = torch.optim.AdamW(ft.param_groups(model, 0.05))
     decay = {n for g in opt.param_groups if g['weight_decay'] == 0.05 for n in g['names']}
     no_decay = {n for g in opt.param_groups if g['weight_decay'] == 0.0 for n in g['names']}
     block = lambda i, names: {f'blocks.{i}.{n}' for n in names}
-    assert decay == {'patch_embed.proj.weight', 'head.weight'} | set().union(*(block(i, [
-        'attn.qkv.weight', 'attn.proj.weight', 'mlp.fc1.weight', 'mlp.fc2.weight']) for i in range(2)))
-    assert no_decay == {'cls_token', 'pos_embed', 'patch_embed.proj.bias', 'norm.weight', 'norm.bias',
-                        'head.bias'} | set().union(*(block(i, [
-                            'norm1.weight', 'norm1.bias', 'attn.qkv.bias', 'attn.proj.bias', 'norm2.weight',
-                            'norm2.bias', 'mlp.fc1.bias', 'mlp.fc2.bias']) for i in range(2)))
+    assert decay == {'patch_embed.proj.weight', 'head.weight'} | set().union(*(
+        block(i, ['attn.qkv.weight', 'attn.proj.weight', 'mlp.fc1.weight', 'mlp.fc2.weight'])
+        for i in range(2)))
+    assert no_decay == {'cls_token', 'pos_embed', 'patch_embed.proj.bias', 'norm.weight',
+                        'norm.bias', 'head.bias'} | set().union(*(
+        block(i, ['norm1.weight', 'norm1.bias', 'attn.qkv.bias', 'attn.proj.bias',
+                  'norm2.weight', 'norm2.bias', 'mlp.fc1.bias', 'mlp.fc2.bias'])
+        for i in range(2)))
     # a frozen tensor (the 'none' position embedding) is in no group
     frozen = vit.vit_tiny(num_classes=3, depth=1, img_size=16, patch_size=4, pos_embed='none')
     assert 'pos_embed' not in {n for g in ft.param_groups(frozen, 0.05) for n in g['names']}
     # plain tensors, not (name, tensor) pairs: torch's named groups need a newer torch than
     # requirements' 2.4
-    assert all(isinstance(p, torch.Tensor) for g in ft.param_groups(model, 0.05) for p in g['params'])
+    assert all(isinstance(p, torch.Tensor)
+               for g in ft.param_groups(model, 0.05) for p in g['params'])
 
 
 def test_layer_decay_hand_values():
-    model = vit.vit_tiny(num_classes=3, embed_dim=32, depth=2, num_heads=2, img_size=16, patch_size=4)
+    model = vit.vit_tiny(num_classes=3, embed_dim=32, depth=2, num_heads=2, img_size=16,
+                         patch_size=4)
     opt = torch.optim.AdamW(ft.param_groups(model, 0.05, layer_decay=0.5))
     scale = {n: g['lr_scale'] for g in opt.param_groups for n in g['names']}
     # depth 2: scale = 0.5 ** (3 - layer id); embeddings 0, block i -> i + 1, final norm and head 3
-    assert scale['cls_token'] == scale['patch_embed.proj.weight'] == scale['patch_embed.proj.bias'] == 0.125
+    assert (scale['cls_token'] == scale['patch_embed.proj.weight']
+            == scale['patch_embed.proj.bias'] == 0.125)
     assert scale['blocks.0.attn.qkv.weight'] == scale['blocks.0.norm1.bias'] == 0.25
     assert scale['blocks.1.mlp.fc2.weight'] == 0.5
     assert scale['norm.weight'] == scale['head.weight'] == scale['head.bias'] == 1.0
     assert 'pos_embed' not in scale                                            # sin-cos: frozen
-    assert ft.vit_layer_id('blocks.11.attn.qkv.weight', 12) == 12 and ft.vit_layer_id('head.bias', 12) == 13
+    assert (ft.vit_layer_id('blocks.11.attn.qkv.weight', 12) == 12
+            and ft.vit_layer_id('head.bias', 12) == 13)
 
 
 def test_lr_schedule_hand_values():
@@ -164,7 +174,7 @@ def test_lr_schedule_hand_values():
     assert math.isclose(lr(35), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
-# ----------------------------------------------------------------------------- MixUp / CutMix and the loss
+# ---------------------------------------------------------------------- MixUp / CutMix and the loss
 def test_mixup_cutmix_soft_targets_match_images():
     mixer = augment.batch_mixer(0.8, 1.0, num_classes=5)
     x = torch.rand(8, 3, 16, 16)
@@ -182,7 +192,8 @@ def test_mixup_cutmix_soft_targets_match_images():
             seen.add('mixup')
         else:  # CutMix: a box from the neighbour
             from_rolled = ((xm == rolled) & (xm != x)).all(1).float().mean().item()
-            assert ((xm == x) | (xm == rolled)).all() and math.isclose(from_rolled, 1 - lam, abs_tol=1e-6)
+            assert (((xm == x) | (xm == rolled)).all()
+                    and math.isclose(from_rolled, 1 - lam, abs_tol=1e-6))
             seen.add('cutmix')
     assert seen == {'mixup', 'cutmix'}  # one or the other per batch
     assert augment.batch_mixer(0.0, 0.0, 5) is None
@@ -211,15 +222,18 @@ def test_few_steps_end_to_end(files, capsys):
     assert 'epoch 1/2 step 1/3: loss ' in printed and 'epoch 2/2 step 3/3: loss ' in printed
     ckpt = torch.load(out / 'checkpoint_last.pth', weights_only=True)
     best = torch.load(out / 'model_best.pth', weights_only=True)
-    assert ckpt['epoch'] == 2 and ckpt['step'] == 6 and set(best) >= {'state_dict', 'arch', 'backbone_kwargs'}
+    assert (ckpt['epoch'] == 2 and ckpt['step'] == 6
+            and set(best) >= {'state_dict', 'arch', 'backbone_kwargs'})
     model = moco.build_backbone(ckpt['arch'], **ckpt['backbone_kwargs'])
     model.load_state_dict(ckpt['state_dict'])  # strict: bare, timm's key layout
     pre = torch.load(files / 'vit.pth', weights_only=True)['state_dict']
-    assert not torch.equal(model.blocks[0].attn.qkv.weight, pre['base_encoder.blocks.0.attn.qkv.weight'])
+    assert not torch.equal(model.blocks[0].attn.qkv.weight,
+                           pre['base_encoder.blocks.0.attn.qkv.weight'])
     # the reported accuracy is that of the saved model on val/ (resize 18 + center crop 16)
     val = datasets.ImageFolder(files / 'data' / 'val', augment.eval_transform(16, bicubic=True))
     stats = evaluation.evaluate(model, DataLoader(val, 5), torch.device('cpu'))
-    assert math.isclose(stats['top1'], res['top1']) and math.isclose(stats['loss'], res['loss'], rel_tol=1e-5)
+    assert (math.isclose(stats['top1'], res['top1'])
+            and math.isclose(stats['loss'], res['loss'], rel_tol=1e-5))
     assert 'ema_top1' in res and ckpt['ema'] is not None
     rows = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
     steps, epochs = [r for r in rows if 'loss' in r], [r for r in rows if 'val_top1' in r]
@@ -235,8 +249,10 @@ def test_few_steps_end_to_end(files, capsys):
 
 
 def test_resume_is_exact(files, monkeypatch):
-    """With DeiT's repeated augmentation and RandAugment: 258 images -> 256 an epoch, 2 steps of 128."""
-    extra = ('--model-ema', '--model-ema-decay', '0.9', '--drop-path', '0.2', '--repeated-aug', '-b', '128')
+    """With DeiT's repeated augmentation and RandAugment: 258 images -> 256 an epoch,
+    2 steps of 128."""
+    extra = ('--model-ema', '--model-ema-decay', '0.9', '--drop-path', '0.2', '--repeated-aug',
+             '-b', '128')
     ft.main(args_for(files, '--output-dir', str(files / 'full'), *extra, data='big'))
     save = moco.save_checkpoint
 
@@ -247,8 +263,8 @@ def test_resume_is_exact(files, monkeypatch):
     monkeypatch.setattr(moco, 'save_checkpoint', save_and_keep_epoch_1)
     ft.main(args_for(files, '--output-dir', str(files / 'tmp_run'), *extra, data='big'))
     monkeypatch.setattr(moco, 'save_checkpoint', save)
-    ft.main(args_for(files, '--output-dir', str(files / 'resumed'), '--resume', str(files / 'epoch1.pth'), *extra,
-                     data='big'))
+    ft.main(args_for(files, '--output-dir', str(files / 'resumed'),
+                     '--resume', str(files / 'epoch1.pth'), *extra, data='big'))
     a = torch.load(files / 'full' / 'checkpoint_last.pth', weights_only=True)
     b = torch.load(files / 'resumed' / 'checkpoint_last.pth', weights_only=True)
     assert a['step'] == b['step'] == 4 and a['args']['repeated_aug']
@@ -274,13 +290,15 @@ def test_resume_is_exact(files, monkeypatch):
 def test_bad_input_is_one_line(files, case, message):
     args = {'no_val': [str(files / 'no_val')],
             'not_checkpoint': [str(files / 'data'), '--pretrained', str(files / 'notes.txt')],
-            'wrong_arch': [str(files / 'data'), '--pretrained', str(files / 'vit.pth'), '--arch', 'resnet18'],
-            'layer_decay_resnet': [str(files / 'data'), '--pretrained', str(files / 'r18.pth'), '--layer-decay',
-                                   '0.75'],
+            'wrong_arch': [str(files / 'data'), '--pretrained', str(files / 'vit.pth'),
+                           '--arch', 'resnet18'],
+            'layer_decay_resnet': [str(files / 'data'), '--pretrained', str(files / 'r18.pth'),
+                                   '--layer-decay', '0.75'],
             'resume_pretraining': [str(files / 'data'), '--resume', str(files / 'vit.pth')],
             'resume_not_checkpoint': [str(files / 'data'), '--resume', str(files / 'notes.txt')],
             'no_data': ['--pretrained', str(files / 'vit.pth')],
-            'repeated_aug_too_few': [str(files / 'data'), '--pretrained', str(files / 'vit.pth')]}[case]
+            'repeated_aug_too_few': [str(files / 'data'), '--pretrained',
+                                     str(files / 'vit.pth')]}[case]
     args += ['--no-repeated-aug'] if case != 'repeated_aug_too_few' else []
     with pytest.raises(ValueError) as e:
         ft.main(ft.parse_args(args + ['-b', '8', '-j', '0', '--output-dir', str(files / 'bad')]))
@@ -291,18 +309,21 @@ def test_corrupt_image_is_named(files, tmp_path):
     shutil.copytree(files / 'data', tmp_path / 'data')
     (tmp_path / 'data' / 'train' / 'c1' / '3.png').write_bytes(b'not a png')
     with pytest.raises(data.UnreadableImage, match=r'cannot read image .*c1/3\.png'):
-        ft.main(args_for(files, '--output-dir', str(tmp_path / 'out'), '--epochs', '1', data=tmp_path / 'data'))
+        ft.main(args_for(files, '--output-dir', str(tmp_path / 'out'), '--epochs', '1',
+                         data=tmp_path / 'data'))
 
 
 def test_cli_errors_are_one_line(files, tmp_path):
     """No arguments and no demo checkpoint; a flag but no DATA: one line, exit 1, no traceback."""
     env = {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1'}
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, 'train_finetune.py'), *a], cwd=tmp_path,
-                                    env=env, capture_output=True, text=True, timeout=120)
+    run = lambda *a: subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'train_finetune.py'), *a], cwd=tmp_path,
+        env=env, capture_output=True, text=True, timeout=120)
     r = run()
     assert r.returncode == 1 and 'Traceback' not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        'error: no demo checkpoint at output/pretrain/checkpoint_last.pth: run `python train_pretrain.py` first']
+        'error: no demo checkpoint at output/pretrain/checkpoint_last.pth: '
+        'run `python train_pretrain.py` first']
     r = run('--epochs', '3')
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: DATA is required: the image set's root (see --dataset); for the built-in demo run "
@@ -318,9 +339,10 @@ def test_presets_are_defaults_and_flags_win():
     assert ft.parse_args(['--preset', 'demo', '--epochs', '150']).epochs == 150
     assert ft.parse_args(['--preset', 'demo', '--mixup', '0.8']).mixup == 0.8
     plain = ft.parse_args(['/data'])  # DeiT's ImageNet recipe
-    assert plain.preset is None and (plain.epochs, plain.batch_size, plain.lr, plain.weight_decay) == \
-        (150, 1024, 5e-4, 0.05)
-    assert (plain.mixup, plain.cutmix, plain.reprob, plain.drop_path, plain.smoothing) == (0.8, 1.0, 0.25, 0.1, 0.1)
+    assert plain.preset is None and (
+        (plain.epochs, plain.batch_size, plain.lr, plain.weight_decay) == (150, 1024, 5e-4, 0.05))
+    assert ((plain.mixup, plain.cutmix, plain.reprob, plain.drop_path, plain.smoothing)
+            == (0.8, 1.0, 0.25, 0.1, 0.1))
     assert (plain.ra_num_ops, plain.ra_magnitude, plain.ra_mstd) == (2, 9, 0.5)
     assert plain.repeated_aug and plain.interpolation == 'bicubic' and plain.crop_min == 0.08
     assert not ft.parse_args(['/data', '--no-repeated-aug']).repeated_aug
@@ -329,21 +351,23 @@ def test_presets_are_defaults_and_flags_win():
 def test_demo_flow_fine_tunes_checkpoint_and_random_init(files, tmp_path, capsys):
     """--preset demo: the checkpoint, then the same budget from random init; the preset fills what
     the user did not give (here: no MixUp/CutMix/erasing), the user's flags win (--epochs, -b)."""
-    args = ft.parse_args([str(files / 'data'), '--preset', 'demo', '--pretrained', str(files / 'vit.pth'),
-                          '--output-dir', str(tmp_path / 'out'), '-j', '0', '--epochs', '1', '-b', '8'])
+    args = ft.parse_args([str(files / 'data'), '--preset', 'demo', '--pretrained',
+                          str(files / 'vit.pth'), '--output-dir', str(tmp_path / 'out'),
+                          '-j', '0', '--epochs', '1', '-b', '8'])
     res = ft.main(args)
     assert set(res) == {'pretrained', 'random_init'} and all('top1' in r for r in res.values())
     tuned = torch.load(tmp_path / 'out' / 'checkpoint_last.pth', weights_only=True)
     rand = torch.load(tmp_path / 'out' / 'random_init' / 'checkpoint_last.pth', weights_only=True)
     assert tuned['epoch'] == rand['epoch'] == 1 and tuned['args']['batch_size'] == 8
-    assert (tuned['args']['mixup'], tuned['args']['cutmix'], tuned['args']['reprob']) == (0.0, 0.0, 0.0)
+    assert ((tuned['args']['mixup'], tuned['args']['cutmix'], tuned['args']['reprob'])
+            == (0.0, 0.0, 0.0))
     assert tuned['args']['lr'] == rand['args']['lr'] == ft.DEMO_PRESET['lr']
     assert tuned['args']['pretrained'] == rand['args']['pretrained'] == str(files / 'vit.pth')
     assert not tuned['args']['random_init'] and rand['args']['random_init']
     assert capsys.readouterr().out.splitlines()[-1].startswith('demo fine-tuned top-1: ')
 
 
-# ----------------------------------------------------------------------------- DeiT's repeated augmentation
+# --------------------------------------------------------------------- DeiT's repeated augmentation
 def deit_ra_indices(perm, world, rank):
     """DeiT's RASampler restated: each index 3 times in a row, padded to a multiple of the
     processes, dealt out in turn; each process keeps floor(N // 256 * 256 / world) of its share."""
@@ -379,9 +403,10 @@ def test_repeated_aug_sampler_is_deits(n, world):
     assert len(data.RepeatedAugSampler(range(1281167), 8, 0)) == 160128
 
 
-# ----------------------------------------------------------------------------- timm's RandAugment, inc1
-TIMM_INC1 = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
-             'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing',
+# ------------------------------------------------------------------------- timm's RandAugment, inc1
+TIMM_INC1 = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
+             'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
+             'BrightnessIncreasing', 'SharpnessIncreasing',
              'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel']
 # timm's auto_augment.py, magnitude m -> the op's argument at m = 0, 5, 9, 10 (None: no argument),
 # signed?
@@ -393,7 +418,8 @@ TIMM_LEVELS = {
     'SolarizeAdd': ((0, 55, 99, 110), False),                         # added to values below 128
     **{name: ((0, 0.45, 0.81, 0.9), True) for name in TIMM_INC1[7:11]},   # enhance factor 1 +- this
     'ShearX': ((0, 0.15, 0.27, 0.3), True), 'ShearY': ((0, 0.15, 0.27, 0.3), True),
-    'TranslateXRel': ((0, 0.225, 0.405, 0.45), True), 'TranslateYRel': ((0, 0.225, 0.405, 0.45), True),
+    'TranslateXRel': ((0, 0.225, 0.405, 0.45), True),
+    'TranslateYRel': ((0, 0.225, 0.405, 0.45), True),
 }
 FILL = (124, 116, 104)  # ImageNet's mean colour, as timm
 
@@ -422,20 +448,24 @@ def test_rand_augment_op_ranges_are_timms(name):
     for sign in (1, -1) if signed else (1,):
         change = [np.abs(np.asarray(op(img, sign * level(m), FILL, Image.BICUBIC), dtype=float)
                          - np.asarray(img, dtype=float)).mean() for m in (0, 2.5, 5, 7.5, 10)]
-        assert all(a <= b + 1e-9 for a, b in zip(change, change[1:])) and change[-1] > change[0], change
+        assert (all(a <= b + 1e-9 for a, b in zip(change, change[1:]))
+                and change[-1] > change[0]), change
         assert name == 'PosterizeIncreasing' or change[0] == 0
 
 
 def test_rand_augment_ops_do_what_timm_documents():
     ops = {name: op for name, (_, _, op) in augment.RAND_OPS.items()}
-    call = lambda name, img, v, rs=Image.BICUBIC: np.asarray(ops[name](img, v, FILL, rs)).astype(int)
+    call = lambda name, img, v, rs=Image.BICUBIC: (
+        np.asarray(ops[name](img, v, FILL, rs)).astype(int))
     values = np.array([[[0, 100, 127], [128, 182, 255]]])                # (1, 2, 3)
     img = rgb(values)
     assert (call('PosterizeIncreasing', img, 2) == values & 0b11000000).all()
     assert (call('PosterizeIncreasing', img, 0) == 0).all()  # m = 10: nothing kept, as timm
-    assert (call('SolarizeIncreasing', img, 128) == np.where(values >= 128, 255 - values, values)).all()
+    assert (call('SolarizeIncreasing', img, 128)
+            == np.where(values >= 128, 255 - values, values)).all()
     assert (call('SolarizeIncreasing', img, 256) == values).all()
-    assert (call('SolarizeAdd', img, 110) == np.where(values < 128, np.minimum(values + 110, 255), values)).all()
+    assert (call('SolarizeAdd', img, 110)
+            == np.where(values < 128, np.minimum(values + 110, 255), values)).all()
     assert (call('Invert', img, None) == 255 - values).all()
     assert (call('AutoContrast', rgb(np.full((2, 2, 3), 50) + np.eye(2)[..., None] * 100), None)
             == np.eye(2)[..., None] * 255).all()  # [50, 150] stretched to [0, 255]
@@ -458,7 +488,8 @@ def test_rand_augment_ops_do_what_timm_documents():
 
 
 def test_rand_augment_draws_probability_and_magnitude_noise():
-    inverse = {'Rotate': 30, 'ShearX': 0.3, 'ShearY': 0.3, 'TranslateXRel': 0.45, 'TranslateYRel': 0.45,
+    inverse = {'Rotate': 30, 'ShearX': 0.3, 'ShearY': 0.3,
+               'TranslateXRel': 0.45, 'TranslateYRel': 0.45,
                **{name: 0.9 for name in TIMM_INC1[7:11]}}                # |v| = m / 10 * range
     def draws(ra, n):
         return [ra.draw() for _ in range(n)]
@@ -480,10 +511,12 @@ def test_rand_augment_draws_probability_and_magnitude_noise():
     assert abs(m.mean() - 9) < 0.05 and abs(m.std() - 0.5) < 0.05 and 0 <= m.min() and m.max() <= 10
     assert abs(signs.mean() - 0.5) < 0.04
     torch.manual_seed(0)  # clipped at 10, timm's upper bound
-    top = [abs(v) for d in draws(augment.RandAugment(magnitude=10), 3000) for n, v in d if n == 'Rotate']
+    top = [abs(v) for d in draws(augment.RandAugment(magnitude=10), 3000)
+           for n, v in d if n == 'Rotate']
     assert max(top) == 30 and 0.35 < np.mean([t == 30 for t in top]) < 0.65
     torch.manual_seed(0)                                              # no noise: exactly m
-    fixed = [abs(v) for d in draws(augment.RandAugment(magnitude_std=0), 1000) for n, v in d if n == 'Rotate']
+    fixed = [abs(v) for d in draws(augment.RandAugment(magnitude_std=0), 1000)
+             for n, v in d if n == 'Rotate']
     assert fixed and all(math.isclose(f, 27) for f in fixed)
 
 
@@ -500,8 +533,8 @@ def test_rand_augment_is_seeded_by_torch_and_composed_as_deit():
     assert deit['RandomResizedCrop'].interpolation == augment.InterpolationMode.BICUBIC
     ra = deit['RandAugment']
     assert (ra.num_ops, ra.magnitude, ra.magnitude_std, ra.prob, ra.fill) == (2, 9, 0.5, 0.5, FILL)
-    transfer = {type(t).__name__: t for t in augment.finetune_transform(16, 0.05, 0, reprob=0, bicubic=False)
-                .transforms}
+    transfer = {type(t).__name__: t for t in augment.finetune_transform(
+        16, 0.05, 0, reprob=0, bicubic=False).transforms}
     assert 'RandAugment' not in transfer and 'RandomErasing' not in transfer
     assert transfer['RandomResizedCrop'].scale == (0.05, 1.0)
     assert transfer['RandomResizedCrop'].interpolation == augment.InterpolationMode.BILINEAR

@@ -25,7 +25,8 @@ import train_pretrain as tp  # noqa: E402
 # ----------------------------------------------------------------------------- tiny data
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    """2 classes x 8 train images and x 4 val images of 16 px: a bright square or a bright disc on noise."""
+    """2 classes x 8 train images and x 4 val images of 16 px: a bright square or a bright
+    disc on noise."""
     root = tmp_path_factory.mktemp('tiny')
     g = torch.Generator().manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(16), torch.arange(16), indexing='ij')
@@ -38,15 +39,17 @@ def data(tmp_path_factory):
                 mask = ((xx - cx) ** 2 + (yy - cy) ** 2 < 16) if label == 0 else \
                     ((xx - cx).abs() < 4) & ((yy - cy).abs() < 4)
                 img[:, mask] = 1.0
-                Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).save(root / split / name / f'{i}.png')
+                Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).save(
+                    root / split / name / f'{i}.png')
     return str(root)
 
 
 def args_for(data, out, *extra):
     """A tiny run: batch 8 of 16-px images -> 2 steps per epoch."""
     return tp.parse_args(
-        [data, '--output-dir', str(out), '--knn-data', data, '-b', '8', '--epochs', '1', '--img-size', '16',
-         '--moco-dim', '16', '--moco-mlp-dim', '32', '--workers', '0', '--print-freq', '1', *extra])
+        [data, '--output-dir', str(out), '--knn-data', data, '-b', '8', '--epochs', '1',
+         '--img-size', '16', '--moco-dim', '16', '--moco-mlp-dim', '32', '--workers', '0',
+         '--print-freq', '1', *extra])
 
 
 VIT = ('--preset', 'demo', '--lr', '1e-3', '--warmup-epochs', '1')  # the demo's small ViT, patch 4
@@ -61,7 +64,7 @@ def log_rows(out):
     return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
 
 
-# ----------------------------------------------------------------------------- schedules and recipes
+# ---------------------------------------------------------------------------- schedules and recipes
 def test_learning_rate_schedule():
     f = lambda e: tp.adjust_learning_rate(e, 1.0, 10, 100)  # noqa: E731
     assert f(0) == 0.0
@@ -73,7 +76,7 @@ def test_learning_rate_schedule():
 
 
 def test_momentum_schedule():
-    f = lambda e: tp.adjust_moco_momentum(e, 0.99, 100)  # noqa: E731
+    f = lambda e: moco.adjust_moco_momentum(e, 0.99, 100)  # noqa: E731
     assert f(0) == pytest.approx(0.99)
     assert f(50) == pytest.approx(0.995)
     assert f(100) == pytest.approx(1.0)
@@ -87,28 +90,32 @@ def recipe(*argv):
 
 def test_recipes():
     args, kwargs = recipe('--arch', 'vit_base')
-    assert (args.optimizer, args.lr, args.weight_decay, args.epochs, args.warmup_epochs, args.moco_t,
-            args.batch_size, args.crop_min, args.moco_m, args.moco_mlp_dim, args.moco_dim) == \
-        ('adamw', 1.5e-4, 0.1, 300, 40, 0.2, 4096, 0.08, 0.99, 4096, 256)
+    assert ((args.optimizer, args.lr, args.weight_decay, args.epochs, args.warmup_epochs,
+             args.moco_t, args.batch_size, args.crop_min, args.moco_m, args.moco_mlp_dim,
+             args.moco_dim)
+            == ('adamw', 1.5e-4, 0.1, 300, 40, 0.2, 4096, 0.08, 0.99, 4096, 256))
     assert args.moco_m_cos and kwargs == {'img_size': 224, 'stop_grad_conv1': True}
     args, kwargs = recipe('-a', 'resnet50')
-    assert (args.optimizer, args.lr, args.weight_decay, args.moco_m, args.moco_t, args.warmup_epochs,
-            args.crop_min, args.batch_size, args.epochs) == ('lars', 0.6, 1e-6, 0.99, 1.0, 10, 0.2, 4096, 100)
+    assert ((args.optimizer, args.lr, args.weight_decay, args.moco_m, args.moco_t,
+             args.warmup_epochs, args.crop_min, args.batch_size, args.epochs)
+            == ('lars', 0.6, 1e-6, 0.99, 1.0, 10, 0.2, 4096, 100))
     assert args.moco_m_cos and kwargs == {}
     args, _ = recipe('-a', 'resnet50', '--epochs', '300')
     assert (args.lr, args.weight_decay, args.moco_m) == (0.3, 1e-6, 0.99)
     args, _ = recipe('-a', 'resnet50', '--epochs', '1000')
     assert (args.lr, args.weight_decay, args.moco_m) == (0.3, 1.5e-6, 0.996)
     # flags the user gives win over the recipe, including switching a recipe's boolean off
-    args, kwargs = recipe('-a', 'vit_small', '--lr', '1e-3', '--no-moco-m-cos', '--no-stop-grad-conv1',
-                          '--optimizer', 'lamb', '--patch-size', '8', '--img-size', '64')
+    args, kwargs = recipe('-a', 'vit_small', '--lr', '1e-3', '--no-moco-m-cos',
+                          '--no-stop-grad-conv1', '--optimizer', 'lamb', '--patch-size', '8',
+                          '--img-size', '64')
     assert (args.lr, args.moco_m_cos, args.optimizer) == (1e-3, False, 'lamb')
     assert kwargs == {'img_size': 64, 'stop_grad_conv1': False, 'patch_size': 8}
 
 
 # ----------------------------------------------------------------------------- end to end
 def check_run(out, iters, lr, warmup, epochs):
-    """The checkpoint loads with weights_only and the log's lr / m follow the schedules step by step."""
+    """The checkpoint loads with weights_only and the log's lr / m follow the schedules
+    step by step."""
     ckpt = load(os.path.join(out, 'checkpoint_last.pth'))
     assert ckpt['epoch'] == epochs
     rows = [r for r in log_rows(out) if 'loss' in r]
@@ -116,7 +123,8 @@ def check_run(out, iters, lr, warmup, epochs):
     for r in rows:
         e = r['step'] / iters
         assert r['lr'] == pytest.approx(tp.adjust_learning_rate(e, lr, warmup, epochs))
-        assert r['m'] == pytest.approx(tp.adjust_moco_momentum(e, ckpt['args']['moco_m'], epochs, True))
+        assert r['m'] == pytest.approx(
+            moco.adjust_moco_momentum(e, ckpt['args']['moco_m'], epochs, True))
         assert math.isfinite(r['loss']) and r['grad_last'] > 0
     return ckpt, rows
 
@@ -128,8 +136,10 @@ def test_two_steps_vit(data, tmp_path):
     torch.manual_seed(0)  # main's seed: the same initial weights
     init = moco.build_moco('vit_tiny', 16, 32, 0.2, **ckpt['backbone_kwargs']).state_dict()
     sd = ckpt['state_dict']
-    assert torch.equal(sd['base_encoder.patch_embed.proj.weight'], init['base_encoder.patch_embed.proj.weight'])
-    assert not torch.equal(sd['base_encoder.blocks.0.attn.qkv.weight'], init['base_encoder.blocks.0.attn.qkv.weight'])
+    assert torch.equal(sd['base_encoder.patch_embed.proj.weight'],
+                       init['base_encoder.patch_embed.proj.weight'])
+    assert not torch.equal(sd['base_encoder.blocks.0.attn.qkv.weight'],
+                           init['base_encoder.blocks.0.attn.qkv.weight'])
     model = moco.build_moco(ckpt['arch'], 16, 32, **ckpt['backbone_kwargs'])
     model.load_state_dict(sd)  # bare, official layout: loads strictly
     assert ckpt['args']['optimizer'] == 'adamw' and ckpt['scaler'] is None
@@ -144,7 +154,8 @@ def test_two_steps_resnet(data, tmp_path):
 
 
 def losses(out):
-    """step -> loss of the logged steps (the log keeps only what the run has done, also after a resume)."""
+    """step -> loss of the logged steps (the log keeps only what the run has done, also
+    after a resume)."""
     return {r['step']: r['loss'] for r in log_rows(out) if 'loss' in r}
 
 
@@ -155,13 +166,14 @@ def test_exact_resume(data, tmp_path):
     common = ('--epochs', '3', '--workers', '1', *VIT)
     tp.main(args_for(data, tmp_path / 'a', '--save-every', '1', *common))
     a = load(tmp_path / 'a' / 'checkpoint_last.pth')
-    assert 'rng' not in a and set(a) == {'state_dict', 'arch', 'framework', 'backbone_kwargs', 'epoch',
-                                         'optimizer', 'scaler', 'knn_init', 'args'}
+    assert 'rng' not in a and set(a) == {'state_dict', 'arch', 'framework', 'backbone_kwargs',
+                                         'epoch', 'optimizer', 'scaler', 'knn_init', 'args'}
     full = losses(tmp_path / 'a')
     assert sorted(full) == list(range(6))
     for stop in (1, 2):                                        # a --save-every checkpoint, by path
         out = tmp_path / f'from{stop}'
-        tp.main(args_for(data, out, '--resume', str(tmp_path / 'a' / f'checkpoint_{stop:04d}.pth'), *common))
+        tp.main(args_for(data, out,
+                         '--resume', str(tmp_path / 'a' / f'checkpoint_{stop:04d}.pth'), *common))
         resumed = losses(out)
         # bit-identical floats
         assert resumed == {s: v for s, v in full.items() if s >= 2 * stop}, stop
@@ -174,14 +186,16 @@ def test_exact_resume(data, tmp_path):
     # twice
     stopped = tmp_path / 'stopped'
     stopped.mkdir()
-    (stopped / 'checkpoint_last.pth').write_bytes((tmp_path / 'a' / 'checkpoint_0002.pth').read_bytes())
+    (stopped / 'checkpoint_last.pth').write_bytes(
+        (tmp_path / 'a' / 'checkpoint_0002.pth').read_bytes())
     # holds epoch 3 too
     (stopped / 'log.jsonl').write_text(open(tmp_path / 'a' / 'log.jsonl').read())
     tp.main(args_for(data, stopped, '--resume', 'auto', *common))
     assert losses(stopped) == full
     assert [r['epoch'] for r in log_rows(stopped) if 'knn_top1' in r] == [0, 1, 2, 3]
     one = load(tmp_path / 'a' / 'checkpoint_0001.pth')
-    assert not torch.equal(one['state_dict']['predictor.0.weight'], a['state_dict']['predictor.0.weight'])
+    assert not torch.equal(one['state_dict']['predictor.0.weight'],
+                           a['state_dict']['predictor.0.weight'])
 
 
 def free_port():
@@ -217,11 +231,12 @@ tp.main(tp.parse_args(sys.argv[4:]))
 def test_two_process_gloo(data, tmp_path):
     script = tmp_path / 'child.py'
     script.write_text(CHILD)
-    args = [data, '--output-dir', str(tmp_path), '--knn-data', data, '-b', '8', '--epochs', '1', '--img-size',
-            '16', '--moco-dim', '16', '--moco-mlp-dim', '32', '--workers', '0', *VIT]
+    args = [data, '--output-dir', str(tmp_path), '--knn-data', data, '-b', '8', '--epochs', '1',
+            '--img-size', '16', '--moco-dim', '16', '--moco-mlp-dim', '32', '--workers', '0', *VIT]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-                        f'--master_port={free_port()}', str(script), ROOT, data, str(tmp_path), *args],
+                        f'--master_port={free_port()}', str(script),
+                        ROOT, data, str(tmp_path), *args],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     # DDP averages the gradients: every parameter is the same in both processes. (BN running
@@ -238,11 +253,13 @@ def test_two_process_gloo(data, tmp_path):
 
 
 def test_user_error_said_once_under_torchrun(tmp_path):
-    """torchrun with 2 processes and a bad DATA: one error line (rank 0's), and both processes exit non-zero."""
+    """torchrun with 2 processes and a bad DATA: one error line (rank 0's), and both
+    processes exit non-zero."""
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
                         f'--master_port={free_port()}', os.path.join(ROOT, 'train_pretrain.py'),
                         str(tmp_path / 'nowhere'), '--arch', 'resnet18'],
-                       env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
+                       env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode != 0
     said = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
     assert said == [f'error: data folder {tmp_path / "nowhere"} does not exist'], r.stderr[-2000:]
@@ -251,7 +268,7 @@ def test_user_error_said_once_under_torchrun(tmp_path):
     assert r.stderr.count('exitcode') >= 2 and 'exitcode  : 0' not in r.stderr
 
 
-# ----------------------------------------------------------------------------- the user's first commands
+# ------------------------------------------------------------------------ the user's first commands
 def test_data_is_required_unless_demo(tmp_path):
     args = tp.parse_args(['--arch', 'vit_base'])
     assert args.data is None and args.preset is None and args.batch_size == 4096
@@ -266,11 +283,13 @@ def test_data_is_required_unless_demo(tmp_path):
     assert tp.parse_args(['--preset', 'demo', '/my/data']).knn_data == '/my/data'
     assert tp.parse_args(['--preset', 'demo', '/d', '--knn-data', '/k']).knn_data == '/k'
     args = tp.parse_args(['--preset', 'demo', '--arch', 'resnet18', '--epochs', '300'])  # flags win
-    assert (args.arch, args.depth, args.epochs, args.img_size, args.optimizer) == ('resnet18', None, 300, 32, 'lars')
+    assert ((args.arch, args.depth, args.epochs, args.img_size, args.optimizer)
+            == ('resnet18', None, 300, 32, 'lars'))
 
 
 def test_help_shows_the_recipe_of_the_arch(capsys):
-    for argv, shown in ((['--arch', 'vit_base'], '0.00015'), (['-a', 'resnet50', '--epochs', '300'], '0.3')):
+    for argv, shown in ((['--arch', 'vit_base'], '0.00015'),
+                        (['-a', 'resnet50', '--epochs', '300'], '0.3')):
         with pytest.raises(SystemExit):
             tp.parse_args(argv + ['--help'])
         text = ' '.join(capsys.readouterr().out.split())
@@ -280,25 +299,29 @@ def test_help_shows_the_recipe_of_the_arch(capsys):
 # The commands of the official CONFIG.md, with `python main_moco.py` -> this script and the
 # placeholders filled.
 CONFIG_MD = {
-    'r50_100ep': ("--moco-m-cos --crop-min=.2 --dist-url 'tcp://node0:10001' --multiprocessing-distributed "
-                  "--world-size 2 --rank 0 /data/imagenet",
-                  dict(arch='resnet50', lr=0.6, epochs=100, weight_decay=1e-6, moco_m=0.99, crop_min=0.2,
-                       optimizer='lars', batch_size=4096, moco_t=1.0, warmup_epochs=10)),
+    'r50_100ep': ("--moco-m-cos --crop-min=.2 --dist-url 'tcp://node0:10001' "
+                  "--multiprocessing-distributed --world-size 2 --rank 0 /data/imagenet",
+                  dict(arch='resnet50', lr=0.6, epochs=100, weight_decay=1e-6, moco_m=0.99,
+                       crop_min=0.2, optimizer='lars', batch_size=4096, moco_t=1.0,
+                       warmup_epochs=10)),
     'r50_300ep': ("--lr=.3 --epochs=300 --moco-m-cos --crop-min=.2 --dist-url 'tcp://node0:10001' "
                   "--multiprocessing-distributed --world-size 2 --rank 0 /data/imagenet",
                   dict(lr=0.3, epochs=300, weight_decay=1e-6, moco_m=0.99)),
-    'r50_1000ep': ("--lr=.3 --wd=1.5e-6 --epochs=1000 --moco-m=0.996 --moco-m-cos --crop-min=.2 --dist-url "
-                   "'tcp://node0:10001' --multiprocessing-distributed --world-size 2 --rank 0 /data/imagenet",
+    'r50_1000ep': ("--lr=.3 --wd=1.5e-6 --epochs=1000 --moco-m=0.996 --moco-m-cos --crop-min=.2 "
+                   "--dist-url 'tcp://node0:10001' --multiprocessing-distributed --world-size 2 "
+                   "--rank 0 /data/imagenet",
                    dict(lr=0.3, epochs=1000, weight_decay=1.5e-6, moco_m=0.996)),
-    'vit_small_1node': ("-a vit_small -b 1024 --optimizer=adamw --lr=1.5e-4 --weight-decay=.1 --epochs=300 "
-                        "--warmup-epochs=40 --stop-grad-conv1 --moco-m-cos --moco-t=.2 --dist-url "
-                        "'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 "
-                        "/data/imagenet",
-                        dict(arch='vit_small', batch_size=1024, optimizer='adamw', lr=1.5e-4, weight_decay=0.1,
-                             epochs=300, warmup_epochs=40, stop_grad_conv1=True, moco_m_cos=True, moco_t=0.2)),
+    'vit_small_1node': ("-a vit_small -b 1024 --optimizer=adamw --lr=1.5e-4 --weight-decay=.1 "
+                        "--epochs=300 --warmup-epochs=40 --stop-grad-conv1 --moco-m-cos "
+                        "--moco-t=.2 --dist-url 'tcp://localhost:10001' "
+                        "--multiprocessing-distributed --world-size 1 --rank 0 /data/imagenet",
+                        dict(arch='vit_small', batch_size=1024, optimizer='adamw', lr=1.5e-4,
+                             weight_decay=0.1, epochs=300, warmup_epochs=40, stop_grad_conv1=True,
+                             moco_m_cos=True, moco_t=0.2)),
     'vit_base_8node': ("-a vit_base --optimizer=adamw --lr=1.5e-4 --weight-decay=.1 --epochs=300 "
                        "--warmup-epochs=40 --stop-grad-conv1 --moco-m-cos --moco-t=.2 --dist-url "
-                       "'tcp://node0:10001' --multiprocessing-distributed --world-size 8 --rank 0 /data/imagenet",
+                       "'tcp://node0:10001' --multiprocessing-distributed --world-size 8 --rank 0 "
+                       "/data/imagenet",
                        dict(arch='vit_base', batch_size=4096, crop_min=0.08, moco_m=0.99)),
 }
 
@@ -308,13 +331,15 @@ def test_official_config_md_commands_parse_unchanged(name):
     import shlex
     command, expected = CONFIG_MD[name]
     args = tp.parse_args(shlex.split(command))
-    assert args.data == '/data/imagenet' and args.launch_mp and args.launch_world_size in ('1', '2', '8')
+    assert (args.data == '/data/imagenet' and args.launch_mp
+            and args.launch_world_size in ('1', '2', '8'))
     assert {k: getattr(args, k) for k in expected} == expected
 
 
 def test_moco_m_zero_is_zero_at_every_step(data, tmp_path):
-    assert [tp.adjust_moco_momentum(e, 0.0, 10, cos) for e in (0, 3.3, 10) for cos in (True, False)] == [0.0] * 6
-    assert tp.adjust_moco_momentum(5, 0.99, 10, False) == 0.99
+    assert [moco.adjust_moco_momentum(e, 0.0, 10, cos)
+            for e in (0, 3.3, 10) for cos in (True, False)] == [0.0] * 6
+    assert moco.adjust_moco_momentum(5, 0.99, 10, False) == 0.99
     tp.main(args_for(data, tmp_path, '--moco-m', '0', *VIT))
     assert [r['m'] for r in log_rows(tmp_path) if 'loss' in r] == [0.0, 0.0]
 
@@ -337,8 +362,9 @@ def fails(args, match):
 
 
 def run_cli(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'train_pretrain.py'), *map(str, argv)],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'train_pretrain.py'), *map(str, argv)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
 
 
 def test_bad_data(data, tmp_path):
@@ -369,11 +395,13 @@ def test_unreadable_image_is_named(data, tmp_path):
                 '--moco-mlp-dim', '32', '--workers', '1', *VIT)
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: cannot read image ') and 'broken.png' in lines[0]
+    assert (len(lines) == 1 and lines[0].startswith('error: cannot read image ')
+            and 'broken.png' in lines[0])
 
 
 def test_bad_arch_optimizer_batch(data, tmp_path, monkeypatch, capsys):
-    for flag, value in (('--arch', 'vit_gigantic'), ('--optimizer', 'sgd'), ('--framework', 'dino')):
+    for flag, value in (('--arch', 'vit_gigantic'), ('--optimizer', 'sgd'),
+                        ('--framework', 'dino')):
         with pytest.raises(SystemExit) as e:
             args_for(data, tmp_path, flag, value)
         # argparse: usage + one error line
@@ -384,17 +412,21 @@ def test_bad_arch_optimizer_batch(data, tmp_path, monkeypatch, capsys):
 
 def test_resume_from_non_checkpoint(data, tmp_path):
     (tmp_path / 'notes.txt').write_text('hello')
-    fails(args_for(data, tmp_path, '--resume', str(tmp_path / 'notes.txt'), *VIT), 'not a readable checkpoint')
+    fails(args_for(data, tmp_path, '--resume', str(tmp_path / 'notes.txt'), *VIT),
+          'not a readable checkpoint')
     torch.save({'weights': torch.zeros(2)}, tmp_path / 'other.pth')
-    fails(args_for(data, tmp_path, '--resume', str(tmp_path / 'other.pth'), *VIT), 'not a MoCo v3 training checkpoint')
+    fails(args_for(data, tmp_path, '--resume', str(tmp_path / 'other.pth'), *VIT),
+          'not a MoCo v3 training checkpoint')
     fails(args_for(data, tmp_path, '--resume', str(tmp_path / 'missing.pth'), *VIT), 'no such file')
-    fails(args_for(data, tmp_path, '--pretrained', str(tmp_path / 'other.pth'), *VIT), 'does not fit')
+    fails(args_for(data, tmp_path, '--pretrained', str(tmp_path / 'other.pth'), *VIT),
+          'does not fit')
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
     r = run_cli(tmp_path / 'nowhere')
     assert r.returncode == 1 and 'Traceback' not in r.stderr
-    assert r.stderr.strip().splitlines() == [f'error: data folder {tmp_path / "nowhere"} does not exist']
+    assert r.stderr.strip().splitlines() == [
+        f'error: data folder {tmp_path / "nowhere"} does not exist']
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
@@ -410,7 +442,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypat
     last = load(tmp_path / 'checkpoint_last.pth')
     assert last['epoch'] == 1
     kept = load(tmp_path / 'checkpoint_0001.pth')
-    assert all(torch.equal(v, kept['state_dict'][k]) and v.isfinite().all() for k, v in last['state_dict'].items())
+    assert all(torch.equal(v, kept['state_dict'][k]) and v.isfinite().all()
+               for k, v in last['state_dict'].items())
 
 
 # ----------------------------------------------------------------------------- the paper's studies
@@ -422,9 +455,11 @@ STUDIES = {   # flags -> what must differ from the default run's model (and noth
     ('--head-bn', 'none'): dict(bn_hidden=0, bn_out=0),
     ('--pos-embed', 'learned'): dict(trained='base_encoder.pos_embed'),
     ('--pos-embed', 'none'): dict(kwargs={'pos_embed': 'none'}),
-    ('--pool', 'avg'): dict(gone=('base_encoder.cls_token', 'momentum_encoder.cls_token'), tokens=16),
-    ('--pool', 'avg', '--no-final-norm'): dict(gone=('base_encoder.cls_token', 'momentum_encoder.cls_token',
-                                                     'base_encoder.norm.', 'momentum_encoder.norm.'), tokens=16),
+    ('--pool', 'avg'): dict(gone=('base_encoder.cls_token', 'momentum_encoder.cls_token'),
+                            tokens=16),
+    ('--pool', 'avg', '--no-final-norm'): dict(
+        gone=('base_encoder.cls_token', 'momentum_encoder.cls_token',
+              'base_encoder.norm.', 'momentum_encoder.norm.'), tokens=16),
     ('--stop-grad-conv1',): dict(frozen='base_encoder.patch_embed.proj.weight'),
     ('--grad-ckpt',): dict(kwargs={'grad_ckpt': True}),
     ('--optimizer', 'lamb'): dict(),
@@ -441,12 +476,14 @@ def default_run(data, tmp_path_factory):
 
 
 def parts(state):
-    """The backbones' keys and shapes; the heads' Linear shapes; their BNs by width (hidden 32, output 16)."""
+    """The backbones' keys and shapes; the heads' Linear shapes; their BNs by width
+    (hidden 32, output 16)."""
     heads = ('.head.', 'predictor.')
     backbone = {k: v.shape for k, v in state.items() if not any(h in k for h in heads)}
     linears = sorted((k.split('.')[0], tuple(v.shape)) for k, v in state.items()
                      if any(h in k for h in heads) and v.ndim == 2)
-    bn = [v.numel() for k, v in state.items() if any(h in k for h in heads) and k.endswith('running_mean')]
+    bn = [v.numel() for k, v in state.items()
+          if any(h in k for h in heads) and k.endswith('running_mean')]
     return backbone, linears, bn.count(32), bn.count(16)
 
 
@@ -462,10 +499,12 @@ def test_each_study_runs_two_steps_and_changes_only_its_part(data, tmp_path, def
     got = ckpt['state_dict']
     (ref_bb, ref_lin, ref_hid, ref_out), (bb, lin, hid, out) = parts(ref), parts(got)
     if 'tokens' in spec:  # 16 patches, no class token: 16 rows
-        assert bb.pop('base_encoder.pos_embed')[1] == spec['tokens'] == ref_bb.pop('base_encoder.pos_embed')[1] - 1
+        assert (bb.pop('base_encoder.pos_embed')[1] == spec['tokens']
+                == ref_bb.pop('base_encoder.pos_embed')[1] - 1)
         bb.pop('momentum_encoder.pos_embed'), ref_bb.pop('momentum_encoder.pos_embed')
     assert bb == ref_bb and lin == ref_lin  # nothing else in the backbones and heads changed
-    assert (hid, out) == (spec.get('bn_hidden', ref_hid), spec.get('bn_out', ref_out)) and ref_out > 0
+    assert ((hid, out) == (spec.get('bn_hidden', ref_hid), spec.get('bn_out', ref_out))
+            and ref_out > 0)
     assert ckpt['framework'] == dict(zip(flags, flags[1:])).get('--framework', 'mocov3')
     for k, v in spec.get('kwargs', {}).items():
         assert ckpt['backbone_kwargs'][k] == v
@@ -483,8 +522,11 @@ def test_each_study_runs_two_steps_and_changes_only_its_part(data, tmp_path, def
 
 
 def test_default_run_is_the_old_one(default_run):
-    """The default MoCo v3 model keeps the official layout: the framework switch changed nothing in it."""
-    assert default_run['framework'] == 'mocov3' and 'base_encoder.cls_token' in default_run['state_dict']
+    """The default MoCo v3 model keeps the official layout: the framework switch changed
+    nothing in it."""
+    assert (default_run['framework'] == 'mocov3'
+            and 'base_encoder.cls_token' in default_run['state_dict'])
     torch.manual_seed(0)
-    reference = moco.build_moco('vit_tiny', 16, 32, 0.2, **default_run['backbone_kwargs']).state_dict()
+    reference = moco.build_moco('vit_tiny', 16, 32, 0.2,
+                                **default_run['backbone_kwargs']).state_dict()
     assert reference.keys() == default_run['state_dict'].keys()

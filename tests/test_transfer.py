@@ -29,15 +29,18 @@ def pixels(n):
 
 
 def write_cifar(root, name):
-    """CIFAR's python pickles: batches of {'data': (N, 3072) uint8 in CHW order, 'labels'} and the meta file."""
+    """CIFAR's python pickles: batches of {'data': (N, 3072) uint8 in CHW order, 'labels'}
+    and the meta file."""
     def dump(path, obj):
         with open(path, 'wb') as f:
             pickle.dump(obj, f)
     if name == 'cifar10':  # 5 training batches of 8, a test batch of 10
-        folder, key, meta, names = root / 'cifar-10-batches-py', 'labels', 'batches.meta', 'label_names'
+        folder, key, meta, names = (root / 'cifar-10-batches-py', 'labels', 'batches.meta',
+                                    'label_names')
         splits = {**{f'data_batch_{i}': 8 for i in range(1, 6)}, 'test_batch': 10}
     else:
-        folder, key, meta, names = root / 'cifar-100-python', 'fine_labels', 'meta', 'fine_label_names'
+        folder, key, meta, names = (root / 'cifar-100-python', 'fine_labels', 'meta',
+                                    'fine_label_names')
         splits = {'train': 8, 'test': 6}
     folder.mkdir()
     dump(folder / meta, {names: [f'class{i}' for i in range(10 if name == 'cifar10' else 100)]})
@@ -47,19 +50,23 @@ def write_cifar(root, name):
 
 
 def write_flowers(root):
-    """Flowers102: jpg/image_00001.jpg ..., imagelabels.mat (labels 1-102), setid.mat (trnid, valid, tstid)."""
+    """Flowers102: jpg/image_00001.jpg ..., imagelabels.mat (labels 1-102),
+    setid.mat (trnid, valid, tstid)."""
     from scipy.io import savemat
     folder = root / 'flowers-102'
     (folder / 'jpg').mkdir(parents=True)
     for i, a in enumerate(pixels(13), 1):
         Image.fromarray(a).save(folder / 'jpg' / f'image_{i:05d}.jpg')
-    savemat(folder / 'imagelabels.mat', {'labels': np.array([[1, 2, 3, 102, 5, 6, 7, 8, 9, 10, 11, 12, 13]])})
-    savemat(folder / 'setid.mat', {'trnid': np.array([[1, 2, 3, 4]]), 'valid': np.array([[5, 6, 7, 8]]),
+    savemat(folder / 'imagelabels.mat',
+            {'labels': np.array([[1, 2, 3, 102, 5, 6, 7, 8, 9, 10, 11, 12, 13]])})
+    savemat(folder / 'setid.mat', {'trnid': np.array([[1, 2, 3, 4]]),
+                                   'valid': np.array([[5, 6, 7, 8]]),
                                    'tstid': np.array([[9, 10, 11, 12, 13]])})
 
 
 def write_pets(root):
-    """Oxford-IIIT Pets: images/<Breed>_<n>.jpg, annotations/{trainval,test}.txt: 'image class species breed'."""
+    """Oxford-IIIT Pets: images/<Breed>_<n>.jpg, annotations/{trainval,test}.txt:
+    'image class species breed'."""
     folder = root / 'oxford-iiit-pet'
     (folder / 'images').mkdir(parents=True)
     (folder / 'annotations').mkdir()
@@ -72,10 +79,12 @@ def write_pets(root):
         (folder / 'annotations' / f'{split}.txt').write_text(''.join(lines))
 
 
-WRITERS = {'cifar10': lambda r: write_cifar(r, 'cifar10'), 'cifar100': lambda r: write_cifar(r, 'cifar100'),
+WRITERS = {'cifar10': lambda r: write_cifar(r, 'cifar10'),
+           'cifar100': lambda r: write_cifar(r, 'cifar100'),
            'flowers102': write_flowers, 'pets': write_pets}
 # dataset -> (classes, train images, val images) of the tiny copies
-SIZES = {'cifar10': (10, 40, 10), 'cifar100': (100, 8, 6), 'flowers102': (102, 8, 5), 'pets': (37, 37, 37)}
+SIZES = {'cifar10': (10, 40, 10), 'cifar100': (100, 8, 6), 'flowers102': (102, 8, 5),
+         'pets': (37, 37, 37)}
 
 
 @pytest.fixture(scope='module')
@@ -83,7 +92,8 @@ def roots(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('transfer')
     torch.manual_seed(0)
     m = moco.build_moco('vit_tiny', dim=16, mlp_dim=32, **VIT_KW)
-    torch.save({'state_dict': m.state_dict(), 'arch': 'vit_tiny', 'backbone_kwargs': VIT_KW}, tmp / 'vit.pth')
+    torch.save({'state_dict': m.state_dict(), 'arch': 'vit_tiny', 'backbone_kwargs': VIT_KW},
+               tmp / 'vit.pth')
     for name, write in WRITERS.items():
         if name == 'flowers102' and not has_scipy():
             continue
@@ -102,7 +112,8 @@ def has_scipy():
 
 @pytest.fixture
 def no_md5(monkeypatch):
-    """torchvision checks CIFAR's and Flowers' files against the md5 of the real ones; the tiny copies differ."""
+    """torchvision checks CIFAR's and Flowers' files against the md5 of the real ones;
+    the tiny copies differ."""
     monkeypatch.setattr(torchvision.datasets.utils, 'check_md5', lambda *args, **kwargs: True)
 
 
@@ -152,8 +163,9 @@ def test_corrupted_files_and_missing_scipy_are_one_line(roots, tmp_path, monkeyp
 
 def run(roots, tmp_path, name, *extra):
     out = tmp_path / name
-    args = ft.parse_args([str(roots / name), '--preset', name, '--pretrained', str(roots / 'vit.pth'), '-j', '0',
-                          '--epochs', '1', '-p', '1', '--output-dir', str(out), *extra])
+    args = ft.parse_args([str(roots / name), '--preset', name,
+                          '--pretrained', str(roots / 'vit.pth'), '-j', '0', '--epochs', '1',
+                          '-p', '1', '--output-dir', str(out), *extra])
     res = ft.main(args)
     return res, torch.load(out / 'checkpoint_last.pth', weights_only=True), out
 
@@ -164,10 +176,11 @@ def test_two_fine_tuning_steps(roots, no_md5, tmp_path, name, batch):
     res, ckpt, out = run(roots, tmp_path, name, '-b', str(batch))
     classes, _, n_val = SIZES[name]
     assert ckpt['step'] == 2 and ckpt['backbone_kwargs']['num_classes'] == classes
-    assert ckpt['state_dict']['head.weight'].shape == (classes, 32) and len(ckpt['classes']) == classes
+    assert (ckpt['state_dict']['head.weight'].shape == (classes, 32)
+            and len(ckpt['classes']) == classes)
     rows = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
-    assert [r['step'] for r in rows if 'loss' in r] == [1, 2] and all(np.isfinite(r['loss']) for r in rows
-                                                                      if 'loss' in r)
+    assert ([r['step'] for r in rows if 'loss' in r] == [1, 2]
+            and all(np.isfinite(r['loss']) for r in rows if 'loss' in r))
     # whole images right
     assert 0 <= res['top1'] <= 100 and round(res['top1'] * n_val / 100, 6) % 1 == 0
 
@@ -175,27 +188,33 @@ def test_two_fine_tuning_steps(roots, no_md5, tmp_path, name, batch):
 def test_cifar10_preset_is_the_official_recipe(roots, no_md5, tmp_path):
     """`--dataset cifar10 --preset cifar10 --pretrained CKPT ROOT`: the official command's values;
     then a run with `--epochs 1 -b 16` on top, which win."""
-    args = ft.parse_args(['--dataset', 'cifar10', '--preset', 'cifar10', '--pretrained', 'CKPT', 'ROOT'])
-    recipe = {k: getattr(args, k) for k in ('batch_size', 'lr', 'weight_decay', 'epochs', 'warmup_epochs',
-                                            'repeated_aug', 'reprob', 'drop_path', 'mixup', 'cutmix')}
+    args = ft.parse_args(['--dataset', 'cifar10', '--preset', 'cifar10', '--pretrained', 'CKPT',
+                          'ROOT'])
+    recipe = {k: getattr(args, k) for k in ('batch_size', 'lr', 'weight_decay', 'epochs',
+                                            'warmup_epochs', 'repeated_aug', 'reprob', 'drop_path',
+                                            'mixup', 'cutmix')}
     assert recipe == dict(batch_size=1024, lr=3e-4, weight_decay=0.1, epochs=100, warmup_epochs=3,
                           repeated_aug=False, reprob=0.0, drop_path=0.1, mixup=0.8, cutmix=1.0)
-    assert (args.dataset, args.data, args.pretrained, args.smoothing) == ('cifar10', 'ROOT', 'CKPT', 0.1)
+    assert ((args.dataset, args.data, args.pretrained, args.smoothing)
+            == ('cifar10', 'ROOT', 'CKPT', 0.1))
     # the views of the official transfer/datasets.py: crop 0.05-1 + flip, bilinear; resize 256/224,
     # crop
     assert (args.crop_min, args.ra_num_ops, args.interpolation) == (0.05, 0, 'bilinear')
-    args = ft.parse_args([str(roots / 'cifar10'), '--dataset', 'cifar10', '--preset', 'cifar10', '--pretrained',
-                          str(roots / 'vit.pth'), '--epochs', '1', '-b', '16', '-j', '0'])
+    args = ft.parse_args([str(roots / 'cifar10'), '--dataset', 'cifar10', '--preset', 'cifar10',
+                          '--pretrained', str(roots / 'vit.pth'), '--epochs', '1', '-b', '16',
+                          '-j', '0'])
     args.img_size, args.device = 16, torch.device('cpu')
     train, val, loader, _ = ft.data_loaders(args, 0, 1, False)
     views = {type(t).__name__: t for t in train.transform.transforms}
-    assert set(views) == {'RandomResizedCrop', 'RandomHorizontalFlip', 'PILToTensor', 'ToDtype', 'Normalize'}
+    assert set(views) == {'RandomResizedCrop', 'RandomHorizontalFlip', 'PILToTensor', 'ToDtype',
+                          'Normalize'}
     assert views['RandomResizedCrop'].scale == (0.05, 1.0)
     assert views['RandomResizedCrop'].interpolation == augment.InterpolationMode.BILINEAR
     assert val.transform.transforms[0].size == [18] and len(loader) == 2  # 16 * 256 / 224; 40 // 16
     _, ckpt, out = run(roots, tmp_path, 'cifar10', '--dataset', 'cifar10', '-b', '16')
     config = json.loads((out / 'config.json').read_text())
-    assert (config['epochs'], config['batch_size'], config['weight_decay'], config['mixup']) == (1, 16, 0.1, 0.8)
+    assert ((config['epochs'], config['batch_size'], config['weight_decay'], config['mixup'])
+            == (1, 16, 0.1, 0.8))
     assert config['actual_lr'] == 3e-4 * 16 / 512 and ckpt['step'] == 2  # DeiT's lr x batch / 512
 
 
@@ -215,8 +234,10 @@ def test_transfer_presets_table():
 
 def test_cli_missing_root_is_one_line(tmp_path):
     env = {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train_finetune.py'), '--preset', 'cifar10',
-                        str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train_finetune.py'),
+                        '--preset', 'cifar10', str(tmp_path)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        f"error: no {tmp_path}/cifar-10-batches-py/data_batch_1: expected torchvision's CIFAR-10 layout "
+        f"error: no {tmp_path}/cifar-10-batches-py/data_batch_1: "
+        "expected torchvision's CIFAR-10 layout "
         '(cifar-10-python.tar.gz unpacked in ROOT)']

@@ -1,0 +1,18 @@
+"""Lab: BatchNorm in the MLP heads (paper Sec. 6, ViT-B, 300 epochs): BN in the projector and
+predictor 76.5; none 74.4 (batch 2048, as 4096 did not converge without BN). BN is not essential
+to contrastive learning, but helps.
+
+    python labs/head_bn.py            # a few minutes on 2 CPU cores (<= 15)
+    python labs/head_bn.py --smoke    # seconds
+"""
+import _lab
+
+RUNS = {'BN everywhere (default)': [], 'BN in hidden layers': ['--head-bn', 'hidden'],
+        'no BN': ['--head-bn', 'none']}
+
+if __name__ == '__main__':
+    _lab.main('head_bn', RUNS, __doc__,
+              title=('BN in the projector and predictor: all, hidden layers only, none (demo '
+                     'ViT)'),
+              finding=('ViT-B, 300 epochs, linear probing: BN in the heads 76.5, no BN 74.4 '
+                       '(batch 2048).'))
