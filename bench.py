@@ -1,4 +1,4 @@
-"""Speed and memory of MoCo v3 pretraining (Chen, Xie, He, ICCV 2021, Algorithm 1) on synthetic data.
+"""Speed and memory of MoCo v3 pretraining (Chen, Xie, He, ICCV 2021, Alg. 1) on synthetic data.
 
     python bench.py --arch vit_small -b 8                 # CPU fp32: ViT-S/16, 224 px, batch 8
     python bench.py --arch vit_base -b 128 --dtype bf16   # one GPU (cuda when present)

@@ -197,9 +197,11 @@ def lr_at(epoch, init_lr, epochs):
     return init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
-def train_one_epoch(head, optimizer, batches, steps, world, args):
-    """One epoch of the classifier on (features, target) batches -> mean loss. Without cached
+def train_one_epoch(head, optimizer, batches, steps, lr, world, args):
+    """One epoch of the classifier at lr on (features, target) batches -> mean loss. Without cached
     features each process has its own shard and the head's gradients are averaged, as DDP would."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
     bar = tqdm(batches, total=steps, leave=False, disable=not args.show_bar)
     loss_sum = 0.0  # a device tensor: no sync per step
     for feats, target in bar:                                     # (B, D), (B,)
@@ -241,9 +243,17 @@ def knn(train_feats, train_labels, val_feats, val_labels, num_classes, args):
     return dict(knn_top1=top1, knn_top5=top5)
 
 
-def save(args, log, model, optimizer, epoch, best_acc1, last, is_best):
-    """The epoch's log line; checkpoint_last.pth (with cached features only at the end: 10 MB per
-    millisecond epoch would dominate) and model_best.pth."""
+def save(args, log, model, optimizer, epoch, best_acc1, is_best, first):
+    """Rank 0, each epoch: config.json (this run's first epoch), the log line (printed, and in
+    log.jsonl); checkpoint_last.pth (with cached features only at the end: 10 MB per millisecond
+    epoch would dominate) and model_best.pth."""
+    last = epoch == args.epochs - 1
+    if first:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, 'config.json'), 'w') as f:
+            json.dump({k: v for k, v in vars(args).items() if k != 'show_bar'}, f, indent=1)
+    if not args.cache_features or last or (epoch + 1) % 10 == 0:   # cached: milliseconds each
+        print(json.dumps(log), flush=True)
     with open(os.path.join(args.output_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(log) + '\n')
     ckpt = dict(epoch=epoch + 1, arch=args.arch, img_size=args.img_size, args=vars(args),
@@ -261,12 +271,10 @@ def main(args):
     cuda = device.type == 'cuda'
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.dtype) if cuda else None
     say = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
-    terminal = sys.stdout.isatty() and sys.stderr.isatty()     # else plain lines, no bar frames
-    args.show_bar = rank == 0 and not args.cache_features and terminal
+    args.show_bar = rank == 0 and not args.cache_features and sys.stdout.isatty()  # else lines
     if args.data is None:
         raise ValueError('DATA is required: a folder with train/ and val/ in the ImageNet layout; '
-                         'for the demo run `python train_linear.py` alone (after '
-                         'train_pretrain.py)')
+                         'the demo: `python train_linear.py` alone (after train_pretrain.py)')
     if args.batch_size % world:
         raise ValueError(f'batch {args.batch_size} is not divisible by {world} processes')
     resume = read_resume(args)
@@ -291,9 +299,7 @@ def main(args):
     model, key = build_model(args.pretrained, args.arch, num_classes, weights=not args.random_init)
     if resume is not None:
         moco.load_weights(model, resume['state_dict'], args.resume)
-    # the sanity check's reference: the checkpoint, read again at the end as the official code
-    # does; for random init, the backbone as it is now
-    from_file = args.pretrained and not args.random_init
+    from_file = args.pretrained and not args.random_init     # sanity reference: the file, re-read
     snapshot = None if from_file else {k: v.clone() for k, v in model.state_dict().items()}
     head = getattr(model.to(device), key)
     init_lr = args.lr * args.batch_size / 256
@@ -307,8 +313,7 @@ def main(args):
     protocol = NOT_PAPER if args.cache_features else protocol
     say(f'{args.arch} <- {args.pretrained if from_file else "random init"}; {num_classes} classes, '
         f'{len(train_set)} train / {len(val_set)} val images at {args.img_size} px; global batch '
-        f'{args.batch_size} = {world} x {per_rank}; base lr {args.lr:g} -> lr {init_lr:g}; '
-        f'{protocol}')
+        f'{args.batch_size} = {world} x {per_rank}; base lr {args.lr:g} -> {init_lr:g}; {protocol}')
 
     # ------------------------------------------------------------------------- frozen features
     def features(dataset):                                     # gathered, in dataset order
@@ -334,15 +339,9 @@ def main(args):
         return {**results, 'top1': stats['top1'], 'top5': stats['top5']}
 
     # ------------------------------------------------------------------------- loop
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, 'config.json'), 'w') as f:
-            json.dump({k: v for k, v in vars(args).items() if k != 'show_bar'}, f, indent=1)
     train_loader, stats = shard(train_set, train=True), {}
     for epoch in range(start_epoch, args.epochs):
         lr = lr_at(epoch, init_lr, args.epochs)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
         torch.manual_seed(args.seed + epoch)  # augmentations: by epoch, exact resume
         if args.cache_features:                                # every rank trains on all features
             batches = feature_batches(train_feats, train_labels, args.batch_size, args.seed + epoch)
@@ -350,17 +349,14 @@ def main(args):
         else:
             train_loader.sampler.set_epoch(epoch)
             batches, steps = backbone_batches(model, train_loader, device, amp), len(train_loader)
-        train_loss = train_one_epoch(head, optimizer, batches, steps, world, args)
+        train_loss = train_one_epoch(head, optimizer, batches, steps, lr, world, args)
         stats = validate()
         best_acc1 = max(best_acc1, stats['top1'])
-        log = dict(epoch=epoch, lr=lr, train_loss=train_loss, val_top1=stats['top1'],
-                   val_top5=stats['top5'], val_loss=stats['loss'], best_top1=best_acc1,
-                   protocol=protocol)
-        last = epoch == args.epochs - 1
-        if not args.cache_features or last or (epoch + 1) % 10 == 0:  # cached: milliseconds each
-            say(json.dumps(log))
+        log = dict(epoch=epoch, lr=lr, train_loss=train_loss, **{f'val_{k}': stats[k] for k in
+                   ('top1', 'top5', 'loss')}, best_top1=best_acc1, protocol=protocol)
         if rank == 0:
-            save(args, log, model, optimizer, epoch, best_acc1, last, stats['top1'] >= best_acc1)
+            save(args, log, model, optimizer, epoch, best_acc1, stats['top1'] >= best_acc1,
+                 first=epoch == start_epoch)
     stats = stats or validate()                                # resumed a finished run
     reference = snapshot or moco.load_backbone(args.pretrained, args.arch).state_dict()
     sanity_check(model, reference, key)
