@@ -174,7 +174,7 @@ class MoCo(nn.Module):
 
 def adjust_moco_momentum(e, moco_m, epochs, cosine=True):
     """Key-encoder momentum at fractional epoch e: from moco_m to 1 with a half-cosine (BYOL), or
-    moco_m throughout. m = 0 stays 0: the paper"s ablation (keys from the current query weights)."""
+    moco_m throughout. m = 0 stays 0: the paper's ablation (keys from the current query weights)."""
     if not cosine or moco_m == 0:
         return moco_m
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * e / epochs)) * (1.0 - moco_m)
