@@ -23,10 +23,10 @@ import data  # noqa: E402  (the built-in images)
 import plot  # noqa: E402
 
 RESULTS = os.path.join(HERE, 'results')
-# Each run's length: 3 demo epochs, about 3 minutes on 2 cores, so that a lab of 3 runs stays well
-# inside its 15 minutes. One run at a time with both threads: on this 2-core machine a demo epoch
-# took ~60 s so, against ~85 s per epoch for two 1-thread runs side by side.
-EPOCHS, JOBS = 3, 1
+# Each run's length: 2 demo epochs (78 steps), ~3 minutes on 2 cores, so that a lab of 3 runs stays
+# inside its 15 minutes. One run at a time with both threads: on this 2-core machine a demo run
+# trained ~60 images/s so, two 1-thread runs side by side ~35 each.
+EPOCHS, JOBS = 2, 1
 # --smoke: a 1-block, 32-wide ViT, 4 images of each of the 10 classes, 2 steps an epoch. It comes
 # after a lab's flags, so that a lab's own batch size or width cannot make the smoke test slow.
 SMOKE_DATA = (4, 2)                                   # train and val images per class
@@ -60,14 +60,16 @@ def train(command, run_dir, threads, fresh):
     """One train_pretrain.py run -> (minutes, None or its error line, reused). A run whose loss
     became nan or inf is a result of the study (its log stays), not a failure of the lab; a run
     finished before with the same command is reused unless fresh."""
-    said = os.path.join(run_dir, 'command.txt'), os.path.join(run_dir, 'result.json')
-    if not fresh and os.path.isfile(said[1]) and open(said[0]).read() == ' '.join(command[1:]):
-        result = json.load(open(said[1]))
+    command_file = os.path.join(run_dir, 'command.txt')
+    result_file = os.path.join(run_dir, 'result.json')     # written once the run has ended
+    said = ' '.join(command[1:])
+    if not fresh and os.path.isfile(result_file) and open(command_file).read() == said:
+        result = json.load(open(result_file))
         return result['minutes'], result['error'], True
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
-    with open(said[0], 'w') as f:
-        f.write(' '.join(command[1:]))
+    with open(command_file, 'w') as f:
+        f.write(said)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     tic = time.time()
     with open(os.path.join(run_dir, 'train.out'), 'w') as out:
@@ -75,7 +77,7 @@ def train(command, run_dir, threads, fresh):
     lines = open(os.path.join(run_dir, 'train.out')).read().strip().splitlines() or ['no output']
     result = dict(minutes=(time.time() - tic) / 60,
                   error=None if rc.returncode == 0 else lines[-1])
-    with open(said[1], 'w') as f:
+    with open(result_file, 'w') as f:
         json.dump(result, f)
     return result['minutes'], result['error'], False
 
