@@ -106,12 +106,12 @@ def run_lab(study, runs, doc, title, finding):
     args = parse_args(doc)
     if args.jobs < 1 or args.epochs < 1:
         raise ValueError('--jobs and --epochs must be at least 1')
-    tmp = tempfile.mkdtemp(prefix=f'lab_{study}_') if args.smoke else None
+    tmp = tempfile.mkdtemp(prefix=f'lab_{study}_') if args.smoke and not args.out else None
     out = args.out or tmp
     run_root = os.path.join(out, 'runs') if out else os.path.join(ROOT, 'output', 'labs', 'runs')
     results = out or RESULTS
-    if args.smoke:
-        data_dir = data.build_demo_dataset(os.path.join(tmp, 'data'), *SMOKE_DATA)
+    if args.smoke:                                      # in --out, if given: runs can be reused
+        data_dir = data.build_demo_dataset(os.path.join(out, 'smoke_data'), *SMOKE_DATA)
         args.epochs = min(args.epochs, 2)
     else:
         data_dir = data.build_demo_dataset()
@@ -152,8 +152,8 @@ def run_lab(study, runs, doc, title, finding):
             os.makedirs(keep, exist_ok=True)
             shutil.copy(os.path.join(run_dir, 'log.jsonl'), keep)
     print(f'{study}: {minutes:.1f} minutes; '
-          + ('smoke test passed' if tmp and not args.out else f'wrote {png} and {md}'), flush=True)
-    if tmp:                                             # the smoke data (and runs, without --out)
+          + ('smoke test passed' if tmp else f'wrote {png} and {md}'), flush=True)
+    if tmp:                                             # --smoke without --out: nothing stays
         shutil.rmtree(tmp, ignore_errors=True)
 
 
