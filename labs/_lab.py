@@ -24,8 +24,8 @@ import plot  # noqa: E402
 
 RESULTS = os.path.join(HERE, 'results')
 # Each run's length: 2 demo epochs (78 steps), ~3 minutes on 2 cores, so that a lab of 3 runs stays
-# inside its 15 minutes. One run at a time with both threads: on this 2-core machine a demo run
-# trained ~60 images/s so, two 1-thread runs side by side ~35 each.
+# inside its 15 minutes. One run at a time with both threads, so that each run's minutes are its own
+# (on this 2-core machine: ~60 images/s so; two 1-thread runs side by side, 32-44 each).
 EPOCHS, JOBS = 2, 1
 # --smoke: a 1-block, 32-wide ViT, 4 images of each of the 10 classes, 2 steps an epoch. It comes
 # after a lab's flags, so that a lab's own batch size or width cannot make the smoke test slow.
