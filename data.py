@@ -27,6 +27,16 @@ class UnreadableImage(ValueError):
     line."""
 
 
+def error_line(e):
+    """The one line a script prints for a user error `e` (a ValueError), or None where this process
+    should stay silent: under torchrun rank 0 speaks for all, except for an unreadable image, which
+    only the process that read it sees. Raised in a loader worker the error arrives with the
+    worker's traceback in its message; the message's last line is what the user needs."""
+    if int(os.environ.get('RANK', 0)) != 0 and not isinstance(e, UnreadableImage):
+        return None
+    return 'error: ' + str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1]
+
+
 def load_image(path):
     try:
         with open(path, 'rb') as f:

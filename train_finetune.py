@@ -440,10 +440,7 @@ def demo(args):
 if __name__ == '__main__':
     try:
         main(parse_args())
-    except ValueError as e:                                 # a user error: one line, no traceback
-        # said once under torchrun (rank 0), except an unreadable image, which only its reader may
-        # see; raised in a loader worker, it comes with the worker's traceback: the last line tells
-        if int(os.environ.get('RANK', 0)) == 0 or isinstance(e, data.UnreadableImage):
-            msg = str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1]
-            print('error: ' + msg, file=sys.stderr)
+    except ValueError as e:  # a user error: one line, no traceback, once (see data.error_line)
+        if data.error_line(e):
+            print(data.error_line(e), file=sys.stderr)
         sys.exit(1)

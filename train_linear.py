@@ -387,11 +387,7 @@ if __name__ == '__main__':
     try:
         args = parse_args()
         demo(args) if args.preset == 'demo' else main(args)
-    except ValueError as e:  # a user error: one line, no traceback
-        # said once under torchrun (rank 0), except an unreadable image, which only its reader may
-        # see; raised in a loader worker it arrives with the worker's traceback: its last line is
-        # the message
-        if int(os.environ.get('RANK', 0)) == 0 or isinstance(e, data.UnreadableImage):
-            print('error: ' + str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1],
-                  file=sys.stderr)
+    except ValueError as e:  # a user error: one line, no traceback, once (see data.error_line)
+        if data.error_line(e):
+            print(data.error_line(e), file=sys.stderr)
         sys.exit(1)

@@ -152,7 +152,7 @@ def init_distributed():
     cuda = torch.cuda.is_available()
     if 'RANK' not in os.environ:
         return 0, 1, 0, torch.device('cuda' if cuda else 'cpu')
-    local_rank = int(os.environ['LOCAL_RANK'])
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
     device = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
     if cuda:
         torch.cuda.set_device(device)
@@ -393,8 +393,7 @@ def main(args):
 if __name__ == '__main__':
     try:
         main(parse_args())
-    except ValueError as e:  # a user error: one line, once (rank 0; a bad image by its reader)
-        if int(os.environ.get('RANK', 0)) == 0 or isinstance(e, data.UnreadableImage):
-            print('error: ' + str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1],
-                  file=sys.stderr)
+    except ValueError as e:  # a user error: one line, no traceback, once (see data.error_line)
+        if data.error_line(e):
+            print(data.error_line(e), file=sys.stderr)
         sys.exit(1)
