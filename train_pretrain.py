@@ -174,7 +174,8 @@ def backbone_kwargs(args):
     """The backbone's constructor arguments, kept in every checkpoint: any script rebuilds it."""
     if not args.arch.startswith('vit'):
         return {}
-    kwargs = {k: getattr(args, k) for k in ('patch_size', *VIT_SHAPE) if getattr(args, k)}
+    kwargs = {k: getattr(args, k) for k in ('patch_size', *VIT_SHAPE)
+              if getattr(args, k) is not None}        # a given 0 too
     kwargs.update(img_size=args.img_size, stop_grad_conv1=args.stop_grad_conv1)
     for k, default in dict(pos_embed='sincos', final_norm=True, grad_ckpt=False).items():
         if getattr(args, k) != default:                       # only what differs from vit.py's

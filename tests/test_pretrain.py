@@ -110,6 +110,8 @@ def test_recipes():
                           '--img-size', '64')
     assert (args.lr, args.moco_m_cos, args.optimizer) == (1e-3, False, 'lamb')
     assert kwargs == {'img_size': 64, 'stop_grad_conv1': False, 'patch_size': 8}
+    _, kwargs = recipe('-a', 'vit_small', '--depth', '0')    # a given 0 is given, not the default
+    assert kwargs['depth'] == 0
 
 
 # ----------------------------------------------------------------------------- end to end
