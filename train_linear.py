@@ -388,6 +388,6 @@ if __name__ == '__main__':
         args = parse_args()
         demo(args) if args.preset == 'demo' else main(args)
     except ValueError as e:  # a user error: one line, no traceback, once (see data.error_line)
-        if data.error_line(e):
-            print(data.error_line(e), file=sys.stderr)
+        if line := data.error_line(e):                      # None: another rank says it
+            print(line, file=sys.stderr)
         sys.exit(1)
