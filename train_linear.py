@@ -33,8 +33,7 @@ DEMO_CHECKPOINT = 'output/pretrain/checkpoint_last.pth'
 NOT_PAPER = "cached features: not the paper's protocol"
 PRESETS = {  # the demo: cached features and kNN, the fastest route on a 2-core CPU
     'demo': dict(data=data.DEMO_ROOT, pretrained=DEMO_CHECKPOINT, cache_features=True, knn=True,
-                 epochs=100,
-                 batch_size=256, workers=1),
+                 epochs=100, batch_size=256, workers=1),
 }
 
 
