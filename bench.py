@@ -1,6 +1,6 @@
 """Speed and memory of MoCo v3 pretraining (Chen, Xie, He, ICCV 2021, Alg. 1) on synthetic data.
 
-    python bench.py --arch vit_small -b 8                 # CPU fp32: ViT-S/16, 224 px, batch 8
+    python bench.py --arch vit_small -b 8                 # CPU: ViT-S/16, 224 px, batch 8
     python bench.py --arch vit_base -b 128 --dtype bf16   # one GPU (cuda when present)
     python bench.py --arch resnet50 -b 8 --channels-last  # ResNet-50, NHWC convolutions
     python bench.py --data                                # the data pipeline, images/s per worker
@@ -13,9 +13,11 @@ timed ones of
     `predictor`, `contrastive_loss`), synchronised between phases on CUDA: momentum update, query
     forward (base encoder + predictor, both crops), momentum forward (no grad), loss, backward,
     optimizer.
-FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over one eager training step
-(forward + backward, no recomputation), and set against the device's own matmul peak, measured
-here in the same dtype.
+FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over eager training steps
+(forward + backward, no recomputation) and set against the device's own matmul peak, measured
+here in the same dtype: bf16 where the hardware computes it natively (CUDA; CPUs with AVX512-BF16,
+AMX or Arm BF16: autocast on either), else fp32 (on CUDA strict IEEE fp32, TF32 off in the step
+and in the peak alike). Peak memory is that of the timed steps alone.
 Data mode: the pretraining's two-crop augmentation (augment.py) on generated JPEG/PNG files, one
 thread (= one DataLoader worker): the training pipeline (PIL decode, torchvision v2 ops on PIL
 images, PIL's blur) against the same with torchvision's kernel blur, and against torchvision.io
@@ -38,11 +40,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import augment
 import data
+import launch
 import moco
 import vit
 from lars_lamb import LAMB, LARS
 
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 PHASES = ('momentum_update', 'query_forward', 'momentum_forward', 'loss', 'backward', 'optimizer')
 
 
@@ -60,10 +62,14 @@ def get_args_parser():
                         '(tiny configs)')
     g = p.add_argument_group('speed levers')
     g.add_argument('--device', default=None, help='cpu or cuda[:i] (default: cuda when present)')
-    g.add_argument('--dtype', choices=DTYPES, help='autocast dtype; CUDA only (default bf16 there)')
+    g.add_argument('--dtype', choices=launch.DTYPES,
+                   help='autocast dtype (default: bf16 on CUDA and on CPUs with native bf16, '
+                        'else fp32); fp16 is CUDA only')
     g.add_argument('--optimizer', choices=('adamw', 'lars', 'lamb'), default='adamw',
                    help="train_pretrain.py's: torch's AdamW (foreach), LARS / LAMB of lars_lamb.py")
-    g.add_argument('--compile', action='store_true', help='torch.compile both encoders, predictor')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile both encoders and the predictor, in place (one process, no '
+                        'DDP); the first step includes the compilation (compile_s)')
     g.add_argument('--grad-ckpt', action='store_true',
                    help='activation checkpointing of every ViT block')
     g.add_argument('--channels-last', action='store_true', help='NHWC memory format (ResNet convs)')
@@ -144,12 +150,58 @@ def matmul_peak(device, dtype, n, reps=5):
     return 2 * n ** 3 / best, 2 * n ** 3 / (min(cpu) / torch.get_num_threads())
 
 
+def step_flops(model, make_batch, batch, amp):
+    """Model FLOPs of one training step of `batch` images (forward + backward), counted without
+    running that batch, so that the count cannot fail or take memory where the benchmarked step
+    would not (a --grad-ckpt row would first run an uncheckpointed step). Every counted term
+    (matmul, convolution, attention) grows linearly with the batch except the loss's (B, B)
+    logits: FLOPs(B) = a B + c B^2, which two small counted steps give exactly. Eager and without
+    checkpointing: recomputation is not model FLOPs (MFU, Chowdhery et al., PaLM, App. B)."""
+    def counted(b):
+        x1, x2 = make_batch(b), make_batch(b)
+        with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+            with amp():
+                loss = model(x1, x2, 0.99)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+    f2, f4 = counted(2), counted(4)   # BatchNorm needs 2 images
+    # the parabola through (0, 0), (2, f2), (4, f4) at B (Lagrange): an exact integer
+    B = batch
+    return (f4 * B * (B - 2) - 2 * f2 * B * (B - 4)) // 8
+
+
+# ----------------------------------------------------------------------------- peak memory
+def reset_peak_memory(device):
+    """Starts the high-water mark of memory here; returns what `peak_memory` will report. On a CPU
+    Linux resets the process's peak RSS on writing 5 to /proc/self/clear_refs; elsewhere the
+    lifetime peak stays."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        return 'cuda max_memory_allocated'
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        return 'process peak RSS since it began (CPU)'
+    return 'process peak RSS (CPU)'
+
+
+def peak_memory(device):
+    """Bytes at the high-water mark: CUDA tensors allocated; on a CPU the process's resident
+    memory (weights, activations, allocator caches, and torch's own libraries)."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device)
+    kib = 1 if sys.platform == 'darwin' else 1024        # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib
+
+
 # ----------------------------------------------------------------------------- levers
 def enable_grad_ckpt(backbone):
     """Activation checkpointing of each ViT block (vit.py's switch): recomputed in backward, not
     stored, ~1/3 more compute for a much smaller footprint; no-op under no_grad."""
     if not isinstance(backbone, vit.VisionTransformer):
-        raise ValueError('--grad-ckpt checkpoints ViT blocks; it is not implemented for ResNets')
+        raise launch.UserError('--grad-ckpt checkpoints ViT blocks; not implemented for ResNets')
     backbone.grad_ckpt = True
 
 
@@ -185,33 +237,13 @@ def momentum_update_variants(model, m):
 
 
 # ----------------------------------------------------------------------------- training mode
-def bench_training(args):
-    try:
-        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    except RuntimeError:
-        raise ValueError(f'unknown --device {args.device!r} (cpu, cuda or cuda:i)') from None
-    cuda = device.type == 'cuda'
-    if device.type not in ('cpu', 'cuda') or (cuda and not torch.cuda.is_available()):
-        raise ValueError(f'--device {device} is not available here (cpu, or cuda when present)')
-    dtype_name = args.dtype or ('bf16' if cuda else 'fp32')
-    if not cuda and dtype_name != 'fp32':
-        raise ValueError(f'--dtype {dtype_name} is CUDA only; '
-                         'the CPU runs fp32 (autocast there is slow)')
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        raise ValueError('--batch-size and --steps must be >= 1, --warmup >= 0')
-    if args.grad_ckpt and args.arch not in vit.ARCHS:
-        raise ValueError('--grad-ckpt checkpoints ViT blocks; it is not implemented for ResNets')
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    amp_dtype = DTYPES[dtype_name]
-    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == 'fp16')
-
+def backbone_kwargs(args):
+    """--kw KEY=VALUE (Python literals, else strings), the image and patch size for a ViT."""
     kwargs = {}
-    for item in args.kw:  # Python literals, else strings
+    for item in args.kw:
         key, sep, value = item.partition('=')
         if not sep:
-            raise ValueError(f'--kw expects KEY=VALUE, got {item!r}')
+            raise launch.UserError(f'--kw expects KEY=VALUE, got {item!r}')
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -220,26 +252,49 @@ def bench_training(args):
         kwargs.setdefault('img_size', args.img_size)
         if args.patch_size:
             kwargs.setdefault('patch_size', args.patch_size)
+    return kwargs
+
+
+def bench_training(args):
+    try:
+        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError:
+        raise launch.UserError(f'unknown --device {args.device!r} (cpu, cuda or cuda:i)') from None
+    cuda = device.type == 'cuda'
+    if device.type not in ('cpu', 'cuda') or (cuda and not torch.cuda.is_available()):
+        raise launch.UserError(f'--device {device} is not available here (cpu, or cuda if present)')
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        raise launch.UserError('--batch-size and --steps must be >= 1, --warmup >= 0')
+    if args.arch not in moco.ARCHS:
+        raise launch.UserError(f"unknown arch {args.arch!r} (one of: {', '.join(moco.ARCHS)})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    amp_dtype = launch.amp_dtype(args.dtype, device)      # None: plain fp32
+    dtype_name = launch.dtype_name(amp_dtype)
+    if cuda and amp_dtype is None:
+        # fp32 is IEEE fp32 in the step and in the matmul peak alike: cuDNN convolutions run
+        # TF32 by default (a 10-bit mantissa), which set against an fp32 peak inflated the MFU
+        torch.backends.cuda.matmul.fp32_precision = 'ieee'
+        torch.backends.cudnn.conv.fp32_precision = 'ieee'
+    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype_name == 'fp16')
+
+    kwargs = backbone_kwargs(args)
     try:
         model = moco.build_moco(args.arch, args.moco_dim, args.moco_mlp_dim, T=0.2, **kwargs)
     except TypeError as e:                        # a --kw the backbone does not take
-        raise ValueError(str(e)) from None
+        raise launch.UserError(str(e)) from None
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=fmt)
     g = torch.Generator().manual_seed(0)
-    x1, x2 = (torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g)
-              .to(device, memory_format=fmt) for _ in range(2))
+    make_batch = lambda b: (torch.randn(b, 3, args.img_size, args.img_size, generator=g)
+                            .to(device, memory_format=fmt))
+    x1, x2 = make_batch(args.batch_size), make_batch(args.batch_size)
     m, B = 0.99, args.batch_size
 
-    # matmul / conv FLOPs of one eager step (before checkpointing and compiling), fwd + bwd
-    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
-        with amp():
-            loss = model(x1, x2, m)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    flops_step = counter.get_total_flops()
+    flops_step = step_flops(model, make_batch, B, amp)   # before checkpointing and compiling
     peak_n = args.peak_n or (4096 if cuda else 2048)
-    peak, peak_cpu = matmul_peak(device, amp_dtype, peak_n)
+    peak, peak_cpu = matmul_peak(device, amp_dtype or torch.float32, peak_n)
     if args.grad_ckpt:
         enable_grad_ckpt(model.base_encoder)
     if args.compile:  # in place: the same modules serve the real step and the phase-split one
@@ -247,8 +302,7 @@ def bench_training(args):
             mod.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer_variants()[OPTIMIZER_IMPL[args.optimizer]](params)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    mem_kind = reset_peak_memory(device)    # the steps' own peak, from here to the last one
 
     def step():  # what train_pretrain.py does each iteration
         with amp():
@@ -285,22 +339,19 @@ def bench_training(args):
         split_step(warm)
     for _ in range(args.steps):
         split_step(splits)
+    mem = peak_memory(device)
     phases = {k: median_ms(splits[k]) for k in PHASES}
     # again after the steps: the best of both
-    peak2, peak_cpu2 = matmul_peak(device, amp_dtype, peak_n)
+    peak2, peak_cpu2 = matmul_peak(device, amp_dtype or torch.float32, peak_n)
     peak, peak_cpu = max(peak, peak2), max(peak_cpu, peak_cpu2)
     # CPU only: the same ratio from CPU seconds (step and peak alike, per thread), which a busy
     # machine distorts far less than wall-clock time; on CUDA process time says nothing
     mfu_cpu_time = (flops_step / (statistics.median(step_cpu) / torch.get_num_threads()) / peak_cpu
                     if not cuda else None)
-    if cuda:
-        mem, mem_kind = torch.cuda.max_memory_allocated(device), 'cuda max_memory_allocated'
-    else:  # Linux reports KiB: the process's high-water mark (weights, activations, allocator...)
-        mem, mem_kind = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                         'process peak RSS (CPU)')
     step_s, total = step_ms / 1e3, sum(phases.values())
     res = dict(mode='train', arch=args.arch, backbone_kwargs=kwargs, batch_size=B,
-               img_size=args.img_size, dtype=dtype_name, device=str(device),
+               img_size=args.img_size, dtype=dtype_name, dtype_default=args.dtype is None,
+               device=str(device),
                device_name=torch.cuda.get_device_name(device) if cuda else 'cpu',
                threads=torch.get_num_threads(), load_avg=list(os.getloadavg()),
                optimizer=args.optimizer, compile=args.compile, grad_ckpt=args.grad_ckpt,
@@ -334,7 +385,8 @@ def print_training(r):
     gb, g = 2 ** 30, 1e9
     levers = [k for k in ('compile', 'grad_ckpt', 'channels_last') if r[k]]
     print(f"{r['arch']} {r['backbone_kwargs']} | batch {r['batch_size']} x 2 crops, "
-          f"{r['img_size']} px | {r['dtype']} on {r['device_name']} "
+          f"{r['img_size']} px | {r['dtype']}{' (the default here)' * r['dtype_default']} on "
+          f"{r['device_name']} "
           f"({r['threads']} threads, load {r['load_avg'][0]:.2f}) | {r['optimizer']} | "
           f"{', '.join(levers) or 'no levers'} | {r['trainable_params'] / 1e6:.1f} M params")
     print(f"{'step (model(x1, x2, m) + backward + optimizer)':<48} {r['step_ms']:10.1f} ms  "
@@ -367,7 +419,7 @@ def bench_data(args):
     from torchvision.transforms import v2 as T
     aug1, aug2 = augment.pretrain_transforms(args.img_size, 0.08)
     if args.data_images < 1:
-        raise ValueError('--data-images must be >= 1')
+        raise launch.UserError('--data-images must be >= 1')
     torch.set_num_threads(1)  # a DataLoader worker runs one thread
 
     def kernel_blur(aug):  # torchvision's blur (odd kernel ~10% of the crop, BYOL's 23 px at 224)
@@ -430,8 +482,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    try:
-        main(get_args_parser().parse_args())
-    except ValueError as e:                       # a user error: one line, no traceback
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(1)
+    launch.exit_on_user_error(lambda: main(get_args_parser().parse_args()))

@@ -2,13 +2,12 @@
 
   * ImageNet layout (DATA/train/<class>/<image>, DATA/val/<class>/<image>), read with torchvision's
     ImageFolder; an unreadable image or a missing folder is reported in one line naming it
-    (`UnreadableImage`, ValueError);
+    (`UnreadableImage`, a launch.UserError);
   * the built-in demo set: 10 shapes drawn in black and white, generated once on disk with fixed
     seeds, so the demo and the tests need no download;
   * `make_loader`: every process reads its own shard (DistributedSampler, also for one process: one
     code path).
-Augmentations live in augment.py. Bad input raises ValueError with a one-line message: the scripts
-print it.
+Augmentations live in augment.py. Bad input raises launch.UserError: the scripts print its one line.
 """
 import math
 import os
@@ -19,22 +18,15 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw
 
+from launch import UserError
+
 
 # ----------------------------------------------------------------------------- reading images
-class UnreadableImage(ValueError):
+class UnreadableImage(UserError):
     """A file of the image set that PIL cannot decode. Raised inside a loader worker it reaches the
-    main process with the worker's traceback in its message: the scripts print the message's last
-    line."""
-
-
-def error_line(e):
-    """The one line a script prints for a user error `e` (a ValueError), or None where this process
-    should stay silent: under torchrun rank 0 speaks for all, except for an unreadable image, which
-    only the process that read it sees. Raised in a loader worker the error arrives with the
-    worker's traceback in its message; the message's last line is what the user needs."""
-    if int(os.environ.get('RANK', 0)) != 0 and not isinstance(e, UnreadableImage):
-        return None
-    return 'error: ' + str(e).strip().splitlines()[-1].split('UnreadableImage: ')[-1]
+    main process with the worker's traceback in its message (launch.error_line prints the last
+    line); only the process that read it knows, so every rank reports it."""
+    every_rank = True
 
 
 def load_image(path):
@@ -49,19 +41,19 @@ def image_folder(root, transform):
     """torchvision's ImageFolder (classes = sorted sub-folders, labels = their indices); one-line
     errors."""
     if not os.path.isdir(root):
-        raise ValueError(f'no folder {root} (expected the ImageNet layout: '
-                         f'DATA/train/<class>/<image>)')
+        raise UserError(f'no folder {root} (expected the ImageNet layout: '
+                        f'DATA/train/<class>/<image>)')
     try:
         return torchvision.datasets.ImageFolder(root, transform, loader=load_image)
     except FileNotFoundError as e:
-        raise ValueError(f'no images in {root}: {e}') from None
+        raise UserError(f'no images in {root}: {e}') from None
 
 
 def check_same_classes(train_set, val_set, root):
     """Labels are indices into each set's sorted class list: train/ and val/ must list the same
     classes."""
     if val_set.classes != train_set.classes:
-        raise ValueError(f'the classes of {root}/val differ from those of {root}/train')
+        raise UserError(f'the classes of {root}/val differ from those of {root}/train')
 
 
 # ------------------------------------------------------------------------- labelled sets by name
@@ -97,19 +89,19 @@ def build_dataset(name, root, split, transform):
       pets        train: the 3,680 'trainval' images; val: the 3,669 'test' images (as the official
       code)."""
     if name not in DATASETS:
-        raise ValueError(f'unknown dataset {name!r}; choose from {", ".join(DATASETS)}')
+        raise UserError(f'unknown dataset {name!r}; choose from {", ".join(DATASETS)}')
     if split not in ('train', 'val'):
-        raise ValueError(f"unknown split {split!r}: 'train' or 'val'")
+        raise UserError(f"unknown split {split!r}: 'train' or 'val'")
     if name == 'folder':
         path = os.path.join(root, split)
         if not os.path.isdir(path):
-            raise ValueError(f'{path} is not a directory: expected the ImageNet layout, '
-                             f'ROOT/{split}/<class>/<image>')
+            raise UserError(f'{path} is not a directory: expected the ImageNet layout, '
+                            f'ROOT/{split}/<class>/<image>')
         return image_folder(path, transform)
     paths, layout = TRANSFER_LAYOUTS[name]
     for p in paths:
         if not os.path.exists(os.path.join(root, p)):
-            raise ValueError(f'no {os.path.join(root, p)}: expected {layout}')
+            raise UserError(f'no {os.path.join(root, p)}: expected {layout}')
     train, sets = split == 'train', torchvision.datasets
     try:
         if name in ('cifar10', 'cifar100'):
@@ -122,8 +114,8 @@ def build_dataset(name, root, split, transform):
             try:
                 import scipy.io  # noqa: F401 (torchvision reads the .mat files with it)
             except ImportError:
-                raise ValueError('reading Flowers102 needs scipy (torchvision reads its .mat files '
-                                 'with it): pip install scipy') from None
+                raise UserError('reading Flowers102 needs scipy (torchvision reads its .mat files '
+                                'with it): pip install scipy') from None
             splits = ['train', 'val'] if train else ['test']
             dataset = torch.utils.data.ConcatDataset(
                 [sets.Flowers102(root, s, transform, download=False) for s in splits])
@@ -131,8 +123,8 @@ def build_dataset(name, root, split, transform):
             numbers = [str(i) for i in range(1, 103)]
             dataset.classes = list(getattr(sets.Flowers102, 'classes', numbers))
     except RuntimeError as e:  # torchvision: a file is missing or its md5 is wrong
-        raise ValueError(f'{root}: {name} files missing or corrupted ({e}); '
-                         f'expected {layout}') from None
+        raise UserError(f'{root}: {name} files missing or corrupted ({e}); '
+                        f'expected {layout}') from None
     return dataset
 
 
@@ -239,8 +231,8 @@ def build_demo_dataset(root=DEMO_ROOT, train=DEMO_TRAIN, val=DEMO_VAL):
     if os.path.isfile(marker) and open(marker).read().strip() == version:
         return root
     if os.path.exists(root) and not os.path.isfile(marker):
-        raise ValueError(f'{root} exists but is not a built-in demo dataset (no {marker}); '
-                         f'move it away')
+        raise UserError(f'{root} exists but is not a built-in demo dataset (no {marker}); '
+                        f'move it away')
     tmp = f'{root.rstrip(os.sep)}.tmp{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     for split, n, offset in (('train', train, 0), ('val', val, 10 ** 6)):

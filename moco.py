@@ -15,13 +15,12 @@ prefix stripped (`strip_prefix`) loads with strict=True:
     momentum_encoder.*   the same layout
     predictor.*          predictor.0 ... predictor.4 (ViT) or predictor.0 ... predictor.3
                          (ResNet: no last BN)
-Also here: the all-gather of the keys (any number of processes, none included), `load_backbone` (the
-bare backbone of a checkpoint, for linear probing and fine-tuning) and the SyncBatchNorm
-conversion for CUDA DDP.
+Also here: the all-gather of the keys (any number of processes, none included), the momentum
+schedule, and the SyncBatchNorm conversion for CUDA DDP. Reading and writing checkpoints:
+checkpoint.py; SimCLR and BYOL on the same heads: simclr_byol.py.
 """
 import copy
 import math
-import os
 
 import torch
 import torch.distributed as dist
@@ -31,16 +30,9 @@ import torch.nn.functional as F
 import resnet
 import vit
 
+# the backbones, by name: ARCHS[arch](num_classes=..., **kwargs) builds one (vit.py, resnet.py)
 ARCHS = {**vit.ARCHS, **resnet.ARCHS}
 HEAD_BN = ("all", "hidden", "none")
-
-
-def build_backbone(arch, **kwargs):
-    """A backbone of vit.py or resnet.py by name; kwargs go to its factory (num_classes=0:
-    no classifier)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
-    return ARCHS[arch](**kwargs)
 
 
 def build_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True, hidden_bn=True):
@@ -79,26 +71,35 @@ def concat_all_gather(x):
     return torch.cat(out)
 
 
+def at_least_fp32(x):
+    """x in fp32 if it came in a 16-bit dtype (autocast); fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def contrastive_loss(q, k, T):
     """ctr(q, k) of Algorithm 1 for this process's queries q (N, C) against the keys k (N, C) of
     all processes."""
-    q = F.normalize(q, dim=1)
-    k = concat_all_gather(F.normalize(k, dim=1))  # (world * N, C)
-    logits = q @ k.T / T  # (N, world * N): every other image's key, of every process, is a negative
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    # the positive: the key of the same image
-    labels = torch.arange(len(q), device=q.device) + len(q) * rank
-    # Why * 2 tau (Algorithm 1: "return 2 * tau * loss"): dCE/dlogits = p - y
-    # (softmax minus one-hot) and the logits are q^.k^ / tau, so without the factor each q^ receives
-    # (1/N) sum_j (p_j - y_j) k^_j / tau, a gradient that scales as 1/tau. Times 2 tau the 1/tau
-    # cancels: (2/N) sum_j (p_j - y_j) k^_j, of norm at most 4/N for every tau
-    # (sum_j |p_j - y_j| <= 2, |k^_j| = 1). tau then only shapes p (how much the hard negatives
-    # weigh), not the scale of the gradient, so changing tau does not silently change the effective
-    # learning rate.
-    # The 2 matches BYOL at large tau:
-    # 2 tau CE = 2 tau log(world N) - 2 q^.k^+ + 2 mean_j q^.k^_j + O(1/tau),
-    # i.e. BYOL's loss 2 - 2 q^.k^+ plus a push away from the mean key.
-    return F.cross_entropy(logits, labels) * (2 * T)
+    # In fp32 even under autocast: a bf16 logit q^.k^ / tau keeps 8 bits of mantissa, a step of
+    # ~0.02 at 1/tau = 5 (8x coarser than the fp16 of the official code), while the positives and
+    # the hard negatives differ by little more. Outside autocast this changes nothing.
+    with torch.autocast(q.device.type, enabled=False):
+        q = F.normalize(at_least_fp32(q), dim=1)
+        k = concat_all_gather(F.normalize(at_least_fp32(k), dim=1))  # (world * N, C)
+        logits = q @ k.T / T  # (N, world * N): every other image's key, of any process: negative
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        # the positive: the key of the same image
+        labels = torch.arange(len(q), device=q.device) + len(q) * rank
+        # Why * 2 tau (Algorithm 1: "return 2 * tau * loss"): dCE/dlogits = p - y
+        # (softmax minus one-hot) and the logits are q^.k^ / tau, so without the factor each q^
+        # receives (1/N) sum_j (p_j - y_j) k^_j / tau, a gradient that scales as 1/tau. Times 2 tau
+        # the 1/tau cancels: (2/N) sum_j (p_j - y_j) k^_j, of norm at most 4/N for every tau
+        # (sum_j |p_j - y_j| <= 2, |k^_j| = 1). tau then only shapes p (how much the hard
+        # negatives weigh), not the scale of the gradient, so changing tau does not silently
+        # change the effective learning rate.
+        # The 2 matches BYOL at large tau:
+        # 2 tau CE = 2 tau log(world N) - 2 q^.k^+ + 2 mean_j q^.k^_j + O(1/tau),
+        # i.e. BYOL's loss 2 - 2 q^.k^+ plus a push away from the mean key.
+        return F.cross_entropy(logits, labels) * (2 * T)
 
 
 class MoCo(nn.Module):
@@ -182,20 +183,13 @@ def adjust_moco_momentum(e, moco_m, epochs, cosine=True):
 
 def build_moco(arch, dim=256, mlp_dim=4096, T=1.0, *, predictor=True, head_bn="all",
                **backbone_kwargs):
-    """MoCo v3 for any arch of vit.py / resnet.py, built as the official code does:
-    the backbone with num_classes=mlp_dim (its classifier then replaced by the projector;
-    a num_classes in backbone_kwargs is ignored) and, for ResNets, zero_init_residual=True unless
-    backbone_kwargs says otherwise."""
-    backbone = build_pretraining_backbone(arch, mlp_dim, **backbone_kwargs)
-    return MoCo(backbone, dim, mlp_dim, T, predictor=predictor, head_bn=head_bn)
-
-
-def build_pretraining_backbone(arch, mlp_dim, **backbone_kwargs):
-    """The backbone as the official code builds it for pretraining (MoCo v3, and here SimCLR and
-    BYOL too): num_classes=mlp_dim, and zero_init_residual=True for ResNets unless given."""
+    """MoCo v3 in one call, the two steps of train_pretrain.py (for the tests and bench.py): the
+    backbone with num_classes=mlp_dim, as the official code builds it (its classifier is then
+    replaced by the projector), zero_init_residual=True for ResNets unless given; then MoCo."""
     if arch in resnet.ARCHS:
         backbone_kwargs = {"zero_init_residual": True, **backbone_kwargs}
-    return build_backbone(arch, **{**backbone_kwargs, "num_classes": mlp_dim})
+    backbone = ARCHS[arch](**{**backbone_kwargs, "num_classes": mlp_dim})
+    return MoCo(backbone, dim, mlp_dim, T, predictor=predictor, head_bn=head_bn)
 
 
 def convert_sync_batchnorm(model):
@@ -203,125 +197,3 @@ def convert_sync_batchnorm(model):
     the global batch of each crop, as the official training does. CUDA DDP only:
     SyncBatchNorm raises on CPU tensors."""
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def strip_prefix(state_dict, prefix="module."):
-    """Keys without `prefix` (the DDP wrapper's 'module.' of the official checkpoints);
-    other keys unchanged."""
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
-
-
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file next to `path`, then rename: a crash never leaves a
-    torn checkpoint."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path):
-    """The one reader of every checkpoint the scripts take (all with torch.load(weights_only=True))
-    -> a dict whose 'state_dict' holds the weights without DDP's 'module.' prefix, beside whatever
-    else the file holds:
-      * ours: {'state_dict', 'arch', 'backbone_kwargs', 'epoch', 'optimizer', 'args', ...};
-      * the official MoCo v3 ones: {'state_dict': 'module.base_encoder.*' ..., 'arch',
-        'epoch', 'optimizer'};
-      * plain weights, bare or under 'model' (torchvision's ResNet files, DeiT / MAE checkpoints).
-    Anything else (missing, unreadable, no tensors) raises a one-line ValueError."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path} is not a readable checkpoint: no such file") from None
-    except Exception as e:  # not a torch file, or objects beyond plain data
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path} is not a readable checkpoint "
-                         f"({type(e).__name__}: {first_line})") from None
-    if isinstance(ckpt, dict) and ("state_dict" in ckpt or "model" in ckpt):
-        ckpt = dict(ckpt)
-        ckpt["state_dict"] = ckpt.pop("state_dict" if "state_dict" in ckpt else "model")
-    else:
-        ckpt = {"state_dict": ckpt}
-    state = ckpt["state_dict"]
-    if not (isinstance(state, dict) and state
-            and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise ValueError(f"{path} holds no weights "
-                         "(expected a state dict of tensors, bare or under 'state_dict')")
-    ckpt["state_dict"] = strip_prefix(state)
-    return ckpt
-
-
-def load_weights(model, state_dict, path):
-    """model.load_state_dict(state_dict) (strict), with a one-line ValueError naming `path` if it
-    does not fit (other keys or shapes: another arch, settings or number of classes)."""
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        first_line = str(e).strip().splitlines()[0]
-        raise ValueError(f"{path} does not fit this model ({first_line})") from None
-
-
-# Settings that shape training, not the weights: not carried from a pretraining checkpoint to the
-# loaded backbone.
-_TRAINING_ONLY = ("num_classes", "zero_init_residual", "stop_grad_conv1", "drop_path_rate",
-                  "grad_ckpt")
-
-
-def load_backbone(path, arch=None, weights=True, **backbone_kwargs):
-    """The bare backbone of a checkpoint: classifier = nn.Identity, normalised images
-    (B, 3, H, W) -> (B, D).
-
-    Reads (all with torch.load(weights_only=True)):
-      * MoCo checkpoints, ours ({'state_dict': MoCo keys, 'arch', 'backbone_kwargs'}) and the
-        official ones ({'state_dict': 'module.base_encoder.*' ..., 'arch'}): base_encoder.*
-        without the projector;
-      * plain backbone weights, bare or under 'state_dict' / 'model', with or without 'module.'
-        (torchvision's ResNet files, our or the official linear / fine-tuned classifiers):
-        all but the classifier (head.* / fc.*).
-    arch: needed when the file records none; must match the one it records. Architecture settings
-    come from the file's 'backbone_kwargs' when present, overridden by backbone_kwargs;
-    training-only ones (drop_path_rate, stop_grad_conv1, zero_init_residual) are not carried over.
-    Loads with strict=True; anything else that goes wrong (unreadable file, no weights,
-    other arch, keys or shapes that do not fit) raises a one-line ValueError.
-    The model is returned in training mode with every parameter trainable; call .eval() to
-    extract features.
-    weights=False: the architecture the file records, with fresh random weights
-    (the random-init baseline).
-    """
-    ckpt = read_checkpoint(path)
-    state = ckpt["state_dict"]
-    # a MoCo checkpoint: keep the query backbone
-    if any(k.startswith("base_encoder.") for k in state):
-        state = {k[len("base_encoder."):]: v for k, v in state.items()
-                 if k.startswith("base_encoder.")}
-
-    saved_arch = ckpt.get("arch")
-    arch = arch or saved_arch
-    if arch is None:
-        raise ValueError(f"{path}: the checkpoint does not record its arch; "
-                         f"pass arch (one of: {', '.join(ARCHS)})")
-    if saved_arch is not None and saved_arch != arch:
-        raise ValueError(f"{path}: the checkpoint holds arch {saved_arch!r}, "
-                         f"not the requested {arch!r}")
-    saved_kwargs = ckpt.get("backbone_kwargs") or {}
-    kwargs = {k: v for k, v in saved_kwargs.items() if k not in _TRAINING_ONLY}
-    kwargs = {**kwargs, **backbone_kwargs}
-    kwargs.pop("num_classes", None)  # the classifier is replaced by the identity anyway
-    model = build_backbone(arch, **kwargs, num_classes=0)
-    head_name = "head" if isinstance(model, vit.VisionTransformer) else "fc"
-    setattr(model, head_name, nn.Identity())
-    # drop the projector or classifier
-    state = {k: v for k, v in state.items() if not k.startswith(head_name + ".")}
-
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
-        raise ValueError(f"{path}: weights do not fit {arch}{kwargs or ''}: {len(missing)} missing "
-                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-                         f"{len(wrong_shape)} of another shape {wrong_shape[:3]}")
-    if weights:
-        model.load_state_dict(state, strict=True)
-    return model

@@ -9,8 +9,8 @@ the same trick in all four, lr and wd swept per framework):
     ViT-S/16, 300 ep    72.5     69.0    71.0   67.1
     ViT-B/16, 300 ep    76.5     73.9    73.9   71.6
     R-50, 800 ep        73.8     70.4    74.3   71.8
-The paper gives no tau for its ViT SimCLR; SimCLR's own ImageNet default is 0.1
-(its README), ours here.
+Their recipes (lr, wd, tau, m, crop-min per backbone family, from their papers or, on ViTs, from
+the MoCo v3 paper) are train_pretrain.py's RECIPES; its --help shows the one that will run.
 
     f = backbone + projector (+ predictor)  the heads of moco.MoCo:
                                             3-layer projector for ViT, 2 for ResNet
@@ -22,7 +22,7 @@ The paper gives no tau for its ViT SimCLR; SimCLR's own ImageNet default is 0.1
             (appendix A) and BYOL itself.
 All three are called model(x1, x2, m) -> loss (SimCLR ignores m), so one training loop runs them.
 State-dict keys follow MoCo's (base_encoder.*, and for BYOL momentum_encoder.*, predictor.*),
-so moco.load_backbone reads every checkpoint. Depends on torch only.
+so checkpoint.load_backbone reads every checkpoint.
 """
 import torch
 import torch.distributed as dist
@@ -31,9 +31,6 @@ import torch.nn.functional as F
 
 import moco
 import vit
-
-FRAMEWORKS = ("mocov3", "simclr", "byol")
-
 
 class _AllGather(torch.autograd.Function):
     """x (n, C) of every process in rank order, (world * n, C). Backward: every process holds a
@@ -77,19 +74,21 @@ def nt_xent(z1, z2, T):
     carry over between the frameworks; divide by 2 tau to compare with the official loss values.
     With AdamW (the paper's ViT optimizer) a constant factor changes the updates only through eps.
     """
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
-    # (2M, C): first views, then second
-    z = torch.cat([all_gather_with_grad(z1), all_gather_with_grad(z2)])
-    M, n = len(z) // 2, len(z1)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    i = torch.arange(n, device=z1.device) + n * rank  # this process's images in the global batch
-    # per anchor: itself, its positive
-    self_col, pos_col = torch.cat([i, i + M]), torch.cat([i + M, i])
-    logits = torch.cat([z1, z2]) @ z.T / T  # (2n, 2M)
-    is_self = self_col[:, None] == torch.arange(2 * M, device=z1.device)  # (2n, 2M)
-    logits = logits.masked_fill(is_self, float("-inf"))  # an anchor is not its own negative
-    # the sum over the 2n anchors / n = loss_1 + loss_2
-    return F.cross_entropy(logits, pos_col, reduction="sum") / n * (2 * T)
+    with torch.autocast(z1.device.type, enabled=False):  # fp32 logits, as moco.contrastive_loss
+        z1 = F.normalize(moco.at_least_fp32(z1), dim=1)
+        z2 = F.normalize(moco.at_least_fp32(z2), dim=1)
+        # (2M, C): first views, then second
+        z = torch.cat([all_gather_with_grad(z1), all_gather_with_grad(z2)])
+        M, n = len(z) // 2, len(z1)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        i = torch.arange(n, device=z1.device) + n * rank  # this process's images, globally
+        # per anchor: itself, its positive
+        self_col, pos_col = torch.cat([i, i + M]), torch.cat([i + M, i])
+        logits = torch.cat([z1, z2]) @ z.T / T  # (2n, 2M)
+        is_self = self_col[:, None] == torch.arange(2 * M, device=z1.device)  # (2n, 2M)
+        logits = logits.masked_fill(is_self, float("-inf"))  # an anchor is not its own negative
+        # the sum over the 2n anchors / n = loss_1 + loss_2
+        return F.cross_entropy(logits, pos_col, reduction="sum") / n * (2 * T)
 
 
 class SimCLR(nn.Module):
@@ -129,29 +128,8 @@ class BYOL(moco.MoCo):
 
     @staticmethod
     def loss(q, k):
-        """BYOL's normalised MSE |q^ - k^|^2 = 2 - 2 q^.k^, averaged over this process's batch.
-        No negatives, nothing to gather: DDP's average of the processes' means is the mean over the
-        global batch."""
+        """BYOL's normalised MSE |q^ - k^|^2 = 2 - 2 q^.k^, averaged over this process's batch,
+        in fp32 (as moco.contrastive_loss). No negatives, nothing to gather: DDP's average of the
+        processes' means is the mean over the global batch."""
+        q, k = moco.at_least_fp32(q), moco.at_least_fp32(k)
         return (2 - 2 * (F.normalize(q, dim=1) * F.normalize(k, dim=1)).sum(dim=1)).mean()
-
-
-def build_model(framework, arch, dim=256, mlp_dim=4096, T=None, *, predictor=None, head_bn=None,
-                **backbone_kwargs):
-    """MoCo v3, SimCLR or BYOL for any arch of vit.py / resnet.py, the backbone built as
-    moco.build_moco builds it (so one seed gives one initialisation in all three). None means the
-    framework's default:
-      T          mocov3 1.0 (moco.build_moco's), simclr 0.1; byol has none
-      predictor  moco and byol True; simclr has none (True is an error)
-      head_bn    moco and simclr 'all', byol 'hidden'
-    """
-    if framework not in FRAMEWORKS:
-        raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
-    if framework == "simclr" and predictor:
-        raise ValueError("SimCLR has no predictor: leave predictor unset (None) or False")
-    backbone = moco.build_pretraining_backbone(arch, mlp_dim, **backbone_kwargs)
-    given = {k: v for k, v in dict(T=T, predictor=predictor, head_bn=head_bn).items()
-             if v is not None}
-    if framework == "simclr":
-        given.pop("predictor", None)
-    return {"mocov3": moco.MoCo, "simclr": SimCLR, "byol": BYOL}[framework](
-        backbone, dim, mlp_dim, **given)

@@ -1,14 +1,14 @@
-"""MoCo v3 self-supervised pretraining (Chen, Xie, He, ICCV 2021: Sec. 3, Alg. 1, Sec. 4 recipes).
+"""MoCo v3 self-supervised pretraining (Chen, Xie, He, ICCV 2021: Sec. 3, Alg. 1; Sec. 4, recipes).
 
-    python train_pretrain.py                                 # the demo: a small ViT, CPU, minutes
+    python train_pretrain.py                                # the demo: a small ViT on a CPU
     torchrun --nproc_per_node=8 train_pretrain.py --arch vit_base /data/imagenet   # the paper's
-    python train_pretrain.py --preset demo --framework byol  # a study of the paper, in miniature
+    python train_pretrain.py --preset demo --framework byol  # BYOL (or SimCLR) in its place
 
-Reads top to bottom: arguments -> distributed setup -> data -> model -> optimizer -> resume -> loop.
-Flags are those of the official main_moco.py: its published commands run unchanged under torchrun.
+Reads top to bottom: arguments -> distributed setup -> data -> model -> optimizer -> resume ->
+loop -> save. The flags are those of the official main_moco.py: its published commands run as
+they are under torchrun.
 """
 import argparse
-import functools
 import json
 import math
 import os
@@ -20,96 +20,133 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import augment
+import checkpoint
 import data
 import evaluation
+import launch
 import moco
 import simclr_byol
 from lars_lamb import LAMB, LARS
+from launch import UserError
 
-# ----------------------------------------------------------------------------- arguments
-# The paper's recipes (official CONFIG.md), chosen by --arch; a --preset on top; given flags win
+# ----------------------------------------------------------------------------- recipes
+# The recipe of each framework and backbone family becomes the parser's defaults: `--help` shows
+# what will run, and a flag given always wins.
 RECIPES = {
-    'vit': dict(optimizer='adamw', lr=1.5e-4, weight_decay=0.1, moco_m=0.99, moco_t=0.2,
-                warmup_epochs=40, crop_min=0.08, stop_grad_conv1=True, batch_size=4096, epochs=300),
-    'resnet': dict(optimizer='lars', lr=0.6, weight_decay=1e-6, moco_m=0.99, moco_t=1.0, epochs=100,
-                   warmup_epochs=10, crop_min=0.2, stop_grad_conv1=False, batch_size=4096),
+    # MoCo v3: the official CONFIG.md (ViT-S/B, 300 epochs; R-50, 100 epochs).
+    ('mocov3', 'vit'): dict(
+        optimizer='adamw', lr=1.5e-4, weight_decay=0.1, epochs=300, warmup_epochs=40,
+        moco_t=0.2, moco_m=0.99, crop_min=0.08, head_bn='all', predictor=True),
+    ('mocov3', 'resnet'): dict(
+        optimizer='lars', lr=0.6, weight_decay=1e-6, epochs=100, warmup_epochs=10,
+        moco_t=1.0, moco_m=0.99, crop_min=0.2, head_bn='all', predictor=True),
+    # SimCLR (Chen et al., 2020): no momentum encoder (m is unused), no predictor. On ViTs the lr
+    # and wd of the MoCo v3 paper (Sec. 4.2, Fig. 6), which gives no tau: SimCLR's own 0.1.
+    # On ResNets SimCLR's recipe: LARS, lr 0.3 x batch/256, wd 1e-6, tau 0.1.
+    ('simclr', 'vit'): dict(
+        optimizer='adamw', lr=2e-4, weight_decay=0.1, epochs=300, warmup_epochs=40,
+        moco_t=0.1, moco_m=0.0, crop_min=0.08, head_bn='all', predictor=False),
+    ('simclr', 'resnet'): dict(
+        optimizer='lars', lr=0.3, weight_decay=1e-6, epochs=100, warmup_epochs=10,
+        moco_t=0.1, moco_m=0.0, crop_min=0.08, head_bn='all', predictor=False),
+    # BYOL (Grill et al., 2020): no negatives (tau is unused); heads with BN in the hidden layers
+    # only; m from BYOL's 0.996, raised to 1 with a half-cosine. On ViTs the lr and wd of the
+    # MoCo v3 paper (Fig. 6); on ResNets BYOL's: LARS, lr 0.2 x batch/256, wd 1.5e-6.
+    ('byol', 'vit'): dict(
+        optimizer='adamw', lr=1e-4, weight_decay=0.03, epochs=300, warmup_epochs=40,
+        moco_t=1.0, moco_m=0.996, crop_min=0.08, head_bn='hidden', predictor=True),
+    ('byol', 'resnet'): dict(
+        optimizer='lars', lr=0.2, weight_decay=1.5e-6, epochs=100, warmup_epochs=10,
+        moco_t=1.0, moco_m=0.996, crop_min=0.08, head_bn='hidden', predictor=True),
 }
-# The frameworks the paper compares: SimCLR has no predictor; BYOL's heads have BN in their hidden
-# layers only (BYOL; MoCo v3's appendix); ViTs take the lr and wd of the paper's Sec. 4.2, Fig. 6.
-FRAMEWORKS = {'mocov3': {}, 'simclr': dict(predictor=False), 'byol': dict(head_bn='hidden')}
-FRAMEWORKS_VIT = {'simclr': dict(lr=2e-4, weight_decay=0.1),
-                  'byol': dict(lr=1e-4, weight_decay=0.03)}
+# MoCo v3's longer R-50 runs (CONFIG.md): from this many epochs on, these values.
+LONGER_RESNET_RUNS = {300: dict(lr=0.3), 1000: dict(lr=0.3, weight_decay=1.5e-6, moco_m=0.996)}
+# Every ViT recipe freezes the random patch projection (Sec. 4.2: it helps all three frameworks).
 PRESETS = {
-    # 2 CPU cores, < 10 minutes, the 32-px built-in images; m 0.9: a few hundred steps, the keys
-    # must follow; no large-batch spikes to cure; crops of >= 30%: both views still show the shape
-    'demo': dict(data=data.DEMO_ROOT, arch='vit_tiny', depth=4,
-                 embed_dim=128, num_heads=4, img_size=32, patch_size=4, epochs=8, batch_size=128,
-                 lr=2e-3, warmup_epochs=1, moco_mlp_dim=1024, moco_m=0.9, stop_grad_conv1=False,
-                 crop_min=0.3, workers=1),
+    # 2 CPU cores, minutes, the 32-px built-in images. m 0.9: a few hundred steps, the keys must
+    # follow; no large-batch spikes to cure; crops of >= 30%: both views still show the shape.
+    'demo': dict(
+        data=data.DEMO_ROOT, arch='vit_tiny', depth=4, embed_dim=128, num_heads=4,
+        img_size=32, patch_size=4, epochs=8, batch_size=128, lr=2e-3, warmup_epochs=1,
+        moco_mlp_dim=1024, moco_m=0.9, stop_grad_conv1=False, crop_min=0.3, workers=1),
 }
 VIT_SHAPE = ('depth', 'embed_dim', 'num_heads')
-PRESET_ARCH_ONLY = (*VIT_SHAPE, 'lr')        # with another --arch: its shape, its recipe's lr
 
 
+# ----------------------------------------------------------------------------- arguments
 def get_args_parser():
     p = argparse.ArgumentParser('MoCo v3 pretraining', allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('data', nargs='?', metavar='DATA', help='ImageNet layout, DATA/train/<class>/'
-                   '<image>; omitted only by the demo (no arguments, or --preset demo)')
-    p.add_argument('--preset', choices=PRESETS, help='demo: a small ViT on the built-in data')
+    p.add_argument('data', nargs='?', metavar='DATA',
+                   help='ImageNet layout, DATA/train/<class>/<image>; '
+                        'omitted only by the demo (no arguments, or --preset demo)')
+    p.add_argument('--preset', choices=PRESETS, help='demo: a small ViT on the built-in images')
     p.add_argument('-a', '--arch', default='resnet50', choices=moco.ARCHS, metavar='ARCH',
-                   help=f'backbone; its recipe sets the defaults: {", ".join(moco.ARCHS)}')
-    p.add_argument('--framework', default='mocov3', choices=FRAMEWORKS,
-                   help='the paper compares MoCo v3 with SimCLR and BYOL on the same ViTs (Sec. 6)')
+                   help=f'backbone, which picks the recipe: {", ".join(moco.ARCHS)}')
+    p.add_argument('--framework', default='mocov3', choices=('mocov3', 'simclr', 'byol'),
+                   help='the paper compares MoCo v3 with SimCLR and BYOL on the same ViTs')
+
     g = p.add_argument_group('backbone (ViT: the ablations of Sec. 6, ViT-B figures)')
     g.add_argument('--img-size', type=int, default=224, help='training crop size in pixels')
     g.add_argument('--patch-size', type=int, help="ViT patch size (default: the arch's, 16)")
-    for flag in VIT_SHAPE:
-        g.add_argument('--' + flag.replace('_', '-'), type=int, help="default: the arch's")
+    for name in VIT_SHAPE:
+        g.add_argument('--' + name.replace('_', '-'), type=int, help="default: the arch's")
     g.add_argument('--stop-grad-conv1', action=argparse.BooleanOptionalAction,
-                   help='freeze the random patch projection: the stability trick of Sec. 4.2')
+                   help='freeze the random patch projection: the stability trick of Sec. 4.2 '
+                        '(default: on for ViTs)')
     g.add_argument('--pos-embed', default='sincos', choices=('sincos', 'learned', 'none'),
                    help='ViT position embedding (76.5 / 76.1 / 74.9)')
-    g.add_argument('--pool', default='token', choices=('token', 'avg'), help='the class token, or '
-                   'the mean of the patch tokens, no class token (76.5 / 76.3 w/o final LayerNorm)')
+    g.add_argument('--pool', default='token', choices=('token', 'avg'),
+                   help='the class token, or the mean of the patch tokens and no class token '
+                        '(76.5 / 76.3 without the final LayerNorm)')
     g.add_argument('--final-norm', action=argparse.BooleanOptionalAction, default=True,
                    help='the final LayerNorm of the ViT (with --pool avg: 69.7 with it)')
     g.add_argument('--grad-ckpt', action='store_true', help='recompute ViT blocks: less memory')
+
     g = p.add_argument_group('heads and loss')
     g.add_argument('--moco-dim', type=int, default=256, help='output dim of the MLP heads')
     g.add_argument('--moco-mlp-dim', type=int, default=4096, help='hidden dim of the MLP heads')
     g.add_argument('--moco-m', type=float, help='key-encoder momentum; 0 stays 0 (the ablation)')
     g.add_argument('--moco-m-cos', action=argparse.BooleanOptionalAction, default=True,
                    help='raise the momentum from --moco-m to 1 with a half-cosine (BYOL)')
-    g.add_argument('--moco-t', type=float, help='temperature tau; ViT is unstable above ~0.2')
-    g.add_argument('--head-bn', default='all', choices=moco.HEAD_BN,
+    g.add_argument('--moco-t', type=float, help='temperature tau; ViTs are unstable above ~0.2')
+    g.add_argument('--head-bn', choices=moco.HEAD_BN,
                    help='BN in the MLP heads: all (76.5), hidden layers only, or none (74.4)')
-    g.add_argument('--predictor', action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument('--predictor', action=argparse.BooleanOptionalAction,
                    help='the prediction MLP of the query encoder (without: 75.5)')
+
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int)
     g.add_argument('--start-epoch', type=int, default=0, help='first epoch, for manual restarts')
-    g.add_argument('-b', '--batch-size', type=int, help='GLOBAL batch, split over the processes')
-    g.add_argument('--lr', '--learning-rate', type=float, help='base; the run uses lr x batch/256')
+    g.add_argument('-b', '--batch-size', type=int, default=4096,
+                   help='GLOBAL batch, split over the processes')
+    g.add_argument('--lr', '--learning-rate', type=float,
+                   help='base lr; the run uses lr x batch/256')
     g.add_argument('--wd', '--weight-decay', type=float, dest='weight_decay')
-    g.add_argument('--optimizer', choices=('lars', 'adamw', 'lamb'), help="lars (ResNet), adamw "
-                   "(ViT) or lamb: give LAMB its own --lr and --wd (Fig. 3), not AdamW's")
+    g.add_argument('--optimizer', choices=('lars', 'adamw', 'lamb'),
+                   help="lars (ResNet), adamw (ViT) or lamb: give LAMB its own --lr and --wd "
+                        "(Fig. 3), not AdamW's")
     g.add_argument('--momentum', type=float, default=0.9, help='LARS momentum')
-    g.add_argument('--warmup-epochs', type=int, help='linear lr warmup, then a half-cosine')
+    g.add_argument('--warmup-epochs', type=float, help='linear lr warmup, then a half-cosine')
     g.add_argument('--crop-min', type=float, help='smallest RandomResizedCrop area fraction')
+
     g = p.add_argument_group('run')
-    g.add_argument('--output-dir', default='output/pretrain', help='checkpoints, log.jsonl, config')
-    g.add_argument('--resume', default='', help="checkpoint to continue, or 'auto': the latest one")
+    g.add_argument('--output-dir', default='output/pretrain', help='checkpoints, log, config')
+    g.add_argument('--resume', default='', help="checkpoint to continue, or 'auto': the latest")
     g.add_argument('--pretrained', default='', help='weights to start from (a fresh schedule)')
     g.add_argument('--save-every', type=int, default=0, help='keep checkpoint_<epoch>.pth every N')
     g.add_argument('--knn-data', help='DIR with labelled train/ and val/: kNN top-1 every epoch')
-    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--seed', type=int, default=0,
+                   help='seed s: the same initial weights, batch order and augmentations in '
+                        'every run with s (paired runs)')
     cpus = (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))  # per process
     g.add_argument('-j', '--workers', type=int, default=min(8, cpus), help='loaders per process')
-    g.add_argument('--dtype', choices=['bf16', 'fp16', 'fp32'], default='bf16',
-                   help='CUDA autocast (fp16 adds a GradScaler); a CPU runs fp32')
-    g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--dtype', choices=launch.DTYPES,
+                   help='autocast dtype (fp16 adds a GradScaler); default: bf16 on GPUs and on '
+                        'CPUs with native bf16, fp32 on other CPUs')
+    g.add_argument('--compile', action='store_true', help='torch.compile the (DDP) model')
     g.add_argument('-p', '--print-freq', type=int, default=10, help='log every N steps')
+
     g = p.add_argument_group('official launch flags: accepted and ignored, torchrun does this')
     for flag in ('--world-size', '--rank', '--dist-url', '--dist-backend', '--gpu'):
         g.add_argument(flag, dest='launch_' + flag[2:].replace('-', '_'))
@@ -117,48 +154,42 @@ def get_args_parser():
     return p
 
 
+def recipe(framework, arch, epochs, preset):
+    """The parser's defaults: the recipe of the framework and backbone family, then the preset."""
+    family = 'vit' if arch.startswith('vit') else 'resnet'
+    defaults = dict(RECIPES[framework, family], stop_grad_conv1=family == 'vit')
+    epochs = epochs or PRESETS.get(preset, {}).get('epochs') or defaults['epochs']
+    if (framework, family) == ('mocov3', 'resnet'):
+        for longer, values in LONGER_RESNET_RUNS.items():
+            if epochs >= longer:
+                defaults.update(values)
+    preset_values = dict(PRESETS.get(preset, {}))
+    if preset and preset_values['arch'] != arch:      # another arch: its own shape and lr
+        for name in (*VIT_SHAPE, 'lr', 'arch'):
+            preset_values.pop(name)
+    return {**defaults, **preset_values}
+
+
 def parse_args(argv=None):
-    """get_args_parser() with the recipe of --arch and --framework, then the --preset, as defaults,
-    set before the final parse: `--arch vit_base --help` shows what will run; a given flag wins."""
+    """Parse twice: first the flags that choose the recipe, then everything with the recipe as
+    defaults. No arguments at all run the demo."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flags in (['--preset'], ['-a', '--arch'], ['--framework'], ['--knn-data']):
-        pre.add_argument(*flags)
-    pre.add_argument('--epochs', type=int)
-    known, _ = pre.parse_known_args(argv)
-    demo = known.preset == 'demo' or not argv                      # no arguments at all: the demo
-    preset = dict(PRESETS['demo']) if demo else {}
-    arch = known.arch or preset.get('arch', 'resnet50')
-    vit = arch.startswith('vit')
-    recipe = {**RECIPES['vit' if vit else 'resnet'], **FRAMEWORKS.get(known.framework, {}),
-              **(FRAMEWORKS_VIT.get(known.framework, {}) if vit else {})}
-    if not vit:                       # CONFIG.md: longer ResNet-50 runs, lower lr, more decay and m
-        epochs = known.epochs or preset.get('epochs') or recipe['epochs']
-        recipe.update(lr=0.6 if epochs < 300 else 0.3, moco_m=0.996 if epochs >= 1000 else 0.99,
-                      weight_decay=1.5e-6 if epochs >= 1000 else 1e-6)
-    if preset.get('arch', arch) != arch:
-        preset = {k: v for k, v in preset.items() if k not in PRESET_ARCH_ONLY}
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flags in (['--preset'], ['-a', '--arch'], ['--framework']):
+        first.add_argument(*flags)
+    first.add_argument('--epochs', type=int)
+    chosen, _ = first.parse_known_args(argv)
+    preset = chosen.preset or ('demo' if not argv else None)
+    arch = chosen.arch or PRESETS.get(preset, {}).get('arch', 'resnet50')
+    framework = chosen.framework or 'mocov3'
     parser = get_args_parser()
-    parser.set_defaults(**{**recipe, **preset}, preset='demo' if demo else None)
+    known = (framework, 'vit') in RECIPES and arch in moco.ARCHS and preset in (None, *PRESETS)
+    if known:                                   # else the parse below names the bad value
+        parser.set_defaults(**recipe(framework, arch, chosen.epochs, preset), preset=preset)
     args = parser.parse_args(argv)
-    if demo and known.knn_data is None:         # the demo's kNN monitor: the labelled DATA itself
-        args.knn_data = args.data
+    if args.preset == 'demo' and args.knn_data is None:
+        args.knn_data = args.data               # the demo's kNN monitor: its labelled images
     return args
-
-
-# ----------------------------------------------------------------------------- distributed setup
-def init_distributed():
-    """torchrun's env:// (NCCL on GPUs, gloo on CPUs) or 1 process -> rank, world, local, device"""
-    cuda = torch.cuda.is_available()
-    if 'RANK' not in os.environ:
-        return 0, 1, 0, torch.device('cuda' if cuda else 'cpu')
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    device = torch.device(f'cuda:{local_rank}' if cuda else 'cpu')
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group('nccl' if cuda else 'gloo')
-    return dist.get_rank(), dist.get_world_size(), local_rank, device
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -169,71 +200,70 @@ def adjust_learning_rate(e, lr, warmup_epochs, epochs):
     return lr * 0.5 * (1.0 + math.cos(math.pi * (e - warmup_epochs) / (epochs - warmup_epochs)))
 
 
-# ----------------------------------------------------------------------------- model and log
 def backbone_kwargs(args):
     """The backbone's constructor arguments, kept in every checkpoint: any script rebuilds it."""
     if not args.arch.startswith('vit'):
-        return {}
-    kwargs = {k: getattr(args, k) for k in ('patch_size', *VIT_SHAPE)
-              if getattr(args, k) is not None}        # a given 0 too
-    kwargs.update(img_size=args.img_size, stop_grad_conv1=args.stop_grad_conv1)
-    for k, default in dict(pos_embed='sincos', final_norm=True, grad_ckpt=False).items():
-        if getattr(args, k) != default:                       # only what differs from vit.py's
-            kwargs[k] = getattr(args, k)
-    if args.pool == 'avg':                        # the paper's "w/o [CLS]": no token at all
+        return dict(zero_init_residual=True)          # as the official ResNet pretraining
+    kwargs = dict(img_size=args.img_size, stop_grad_conv1=args.stop_grad_conv1)
+    for name in ('patch_size', *VIT_SHAPE):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    if args.pos_embed != 'sincos':
+        kwargs['pos_embed'] = args.pos_embed
+    if not args.final_norm:
+        kwargs['final_norm'] = False
+    if args.grad_ckpt:
+        kwargs['grad_ckpt'] = True
+    if args.pool == 'avg':                            # the paper's "w/o [CLS]": no token at all
         kwargs.update(class_token=False, pool='avg')
     return kwargs
 
 
-def start_log(args, plain, start_epoch):
-    """config.json; log.jsonl keeps what this run has done (a resume drops the epochs to redo)."""
-    with open(os.path.join(args.output_dir, 'config.json'), 'w') as f:
-        json.dump(dict(plain, backbone_kwargs=backbone_kwargs(args)), f, indent=1)
-    rows = open(args.log_path).readlines() if args.resume and os.path.isfile(args.log_path) else []
-    with open(args.log_path, 'w') as f:
-        f.writelines(r for r in rows if json.loads(r)['epoch'] <= start_epoch)
-
-
-def append_json(path, row):
-    with open(path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
-
-
-def end_of_epoch(backbone, knn_loaders, args, epoch, loss=None):
-    """The epoch's line: mean loss and the kNN top-1 (%) of the query backbone on --knn-data."""
-    acc = (evaluation.knn_top1(backbone, *knn_loaders, len(knn_loaders[0].dataset.classes),
-                               args.device, args.amp_dtype) if knn_loaders else None)
-    args.say(f'epoch {epoch}/{args.epochs}' + (f': loss {loss:.4f}' if loss is not None else '')
-             + (f', kNN top-1 {acc:.1f}%' if acc is not None else ''))
-    if args.rank == 0:
-        append_json(args.log_path, dict(epoch=epoch, loss_avg=loss, knn_top1=acc))
-    return acc
+def build_model(args):
+    """Step 1, the backbone, with its classifier at the projector's input width (the official
+    code builds it so; the heads replace it). Step 2, the framework around it."""
+    try:
+        backbone = moco.ARCHS[args.arch](num_classes=args.moco_mlp_dim, **backbone_kwargs(args))
+    except ValueError as e:                # vit.py's own check of a shape flag (torch only)
+        raise UserError(f'--arch {args.arch}: {e}') from None
+    heads = dict(dim=args.moco_dim, mlp_dim=args.moco_mlp_dim, head_bn=args.head_bn)
+    if args.framework == 'mocov3':
+        return moco.MoCo(backbone, T=args.moco_t, predictor=args.predictor, **heads)
+    if args.framework == 'byol':
+        return simclr_byol.BYOL(backbone, predictor=args.predictor, **heads)
+    if args.predictor:
+        raise UserError('SimCLR has no predictor: drop --predictor')
+    return simclr_byol.SimCLR(backbone, T=args.moco_t, **heads)
 
 
 # ----------------------------------------------------------------------------- one epoch
-def train_one_epoch(model, optimizer, scaler, loader, epoch, args, spikes):
-    """One pass over the data -> mean loss. lr and m follow the fractional epoch, as officially;
-    every print_freq steps (and the last) a log.jsonl row: loss, lr, m, first/last-layer grads."""
-    iters, device = len(loader), args.device
+def train_one_epoch(model, optimizer, scaler, loader, epoch, args, run, amp, spikes, log):
+    """One pass over the data -> the mean loss over all processes. lr and m follow the fractional
+    epoch, as officially; every print_freq steps (and the last) a row of log.jsonl."""
+    iters = len(loader)
     lr = args.lr * args.batch_size / 256                      # the linear scaling rule
-    bar = tqdm(loader, f'epoch {epoch + 1}/{args.epochs}', disable=not args.show_bar, leave=False)
-    loss_sum = torch.zeros((), device=device)                 # summed on the device: no sync
+    bar = tqdm(loader, f'epoch {epoch + 1}/{args.epochs}', disable=not run.show_bar, leave=False)
+    loss_sum = torch.zeros((), device=run.device)             # summed on the device: no sync
     tic, seen = time.time(), 0
     for i, (images, _) in enumerate(bar):
-        e = epoch + i / iters                                 # fractional epoch
+        e = epoch + i / iters                                 # the fractional epoch
         step_lr = adjust_learning_rate(e, lr, args.warmup_epochs, args.epochs)
         for group in optimizer.param_groups:
             group['lr'] = step_lr
         m = moco.adjust_moco_momentum(e, args.moco_m, args.epochs, args.moco_m_cos)
-        x1, x2 = (x.to(device, non_blocking=True, memory_format=args.memory_format) for x in images)
-        with torch.autocast(device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
+        x1, x2 = (x.to(run.device, non_blocking=True, memory_format=memory_format(args))
+                  for x in images)
+
+        with torch.autocast(run.device.type, dtype=amp, enabled=amp is not None):
             loss = model(x1, x2, m)                           # momentum update, then the loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
+        scaler.step(optimizer)                                # unscales the gradients first
         scaler.update()
+        spikes.record()                                       # gradient norms, on the device
+
         loss_sum += loss.detach()                             # nan or inf stays so: checked below
-        seen += x1.shape[0] * args.world_size
+        seen += x1.shape[0] * run.world_size
         if i % args.print_freq and i != iters - 1:
             continue
         # ------------------------------------------------------------------------- log (syncs)
@@ -241,27 +271,36 @@ def train_one_epoch(model, optimizer, scaler, loader, epoch, args, spikes):
         if dist.is_initialized():                             # every process stops together
             dist.all_reduce(bad)
         if bad.item():                                        # before a save: the last is good
-            raise ValueError(f'the loss became nan or inf in epoch {epoch + 1} (by step {i}); '
-                             f'stopped, the last good checkpoint is in {args.output_dir}')
+            raise UserError(f'the loss became nan or inf in epoch {epoch + 1} (by step {i}); '
+                            f'stopped, the last good checkpoint is in {args.output_dir}')
         row = dict(epoch=epoch + 1, step=epoch * iters + i, loss=loss.item(), lr=step_lr, m=m,
-                   img_s=seen / (time.time() - tic), **spikes.measure())
+                   img_s=seen / (time.time() - tic), **spikes.summary())
         if 'spike' in row:                                    # the paper's instability signal
-            args.say(f'warning: {row["spike"]} {row[row["spike"]]:.3g} is 10x its running median')
-        if args.rank == 0:
-            append_json(args.log_path, row)
-            line = f'loss {row["loss"]:.4f}, lr {step_lr:.3g}, m {m:.4f}, {row["img_s"]:.0f} img/s'
-            bar.set_postfix_str(line)
-            if not args.show_bar:                             # a log file: no bar frames
-                print(f'epoch {epoch + 1} step {i + 1}/{iters}: {line}', flush=True)
+            run.say(f'warning: {row["spike"]} spiked to {row["spike_ratio"]:.1f}x '
+                    f'its running median')
+        log(row)
+        line = f'loss {row["loss"]:.4f}, lr {step_lr:.3g}, m {m:.4f}, {row["img_s"]:.0f} img/s'
+        bar.set_postfix_str(line)
+        if not run.show_bar:                                  # a log file: no bar frames
+            run.say(f'epoch {epoch + 1} step {i + 1}/{iters}: {line}')
         tic, seen = time.time(), 0
-    return loss_sum.item() / iters
+
+    if dist.is_initialized():                                 # the mean over all processes
+        dist.all_reduce(loss_sum)
+    return loss_sum.item() / (iters * run.world_size)
 
 
-# ----------------------------------------------------------------------------- optimizer and resume
+def memory_format(args):
+    """NHWC for ResNets: faster convolutions on GPUs and CPUs alike."""
+    return torch.channels_last if args.arch.startswith('resnet') else torch.contiguous_format
+
+
+# ----------------------------------------------------------------------------- optimizer, resume
 def build_optimizer(model, args):
     """As the official code: every parameter goes to the optimizer, weight decay on all of them
-    (LARS and LAMB skip biases and norms); the momentum encoder, a frozen projection get no grad."""
-    params, lr = model.parameters(), args.lr * args.batch_size / 256     # the linear scaling rule
+    (LARS and LAMB skip biases and norms); the momentum encoder and a frozen projection get no
+    gradient, so no update."""
+    params, lr = model.parameters(), args.lr * args.batch_size / 256
     if args.optimizer == 'lars':
         return LARS(params, lr, weight_decay=args.weight_decay, momentum=args.momentum)
     if args.optimizer == 'lamb':
@@ -272,129 +311,153 @@ def build_optimizer(model, args):
 def resume(path, model, optimizer, scaler, args):
     """Weights, optimizer and scaler state of a checkpoint of this script -> (epochs done, kNN at
     init): all an exact resume needs, as data and augmentations depend on (seed, epoch, rank)."""
-    ckpt = moco.read_checkpoint(path)
+    ckpt = checkpoint.read(path)
     if 'optimizer' not in ckpt or 'epoch' not in ckpt:
-        raise ValueError(f'{path} is not a MoCo v3 training checkpoint (no optimizer state)')
+        raise UserError(f'{path} is not a MoCo v3 training checkpoint (no optimizer state)')
     if (ckpt.get('framework', 'mocov3'), ckpt.get('arch')) != (args.framework, args.arch):
-        raise ValueError(f'{path}: not --framework {args.framework} --arch {args.arch}')
-    moco.load_weights(model, ckpt['state_dict'], path)
+        raise UserError(f'{path}: not --framework {args.framework} --arch {args.arch}')
+    checkpoint.load_weights(model, ckpt['state_dict'], path)
     try:
         optimizer.load_state_dict(ckpt['optimizer'])
-    except (ValueError, KeyError) as e:
-        raise ValueError(f'the optimizer state of {path} does not fit ({e})') from None
+    except (ValueError, KeyError) as e:                       # another optimizer's state
+        raise UserError(f'the optimizer state of {path} does not fit ({e})') from None
     if ckpt.get('scaler') and scaler.is_enabled():
         scaler.load_state_dict(ckpt['scaler'])
     return ckpt['epoch'], ckpt.get('knn_init')                # 'epoch' = epochs done, as official
 
 
+def append_json(path, row):
+    with open(path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+
 # ----------------------------------------------------------------------------- main
 def main(args):
-    rank, world_size, local_rank, device = init_distributed()
-    cuda = device.type == 'cuda'
-    args.dtype = args.dtype if cuda else 'fp32'               # bf16 on CPUs: ~400x slower
-    args.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[args.dtype]
-    args.rank, args.world_size, args.device = rank, world_size, device
-    args.say = say = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
-    args.show_bar = rank == 0 and sys.stdout.isatty() and sys.stderr.isatty()
-    args.memory_format = torch.channels_last if 'resnet' in args.arch else torch.contiguous_format
+    run = launch.setup()
+    amp = launch.amp_dtype(args.dtype, run.device)
+    cuda = run.device.type == 'cuda'
     if args.data is None:
-        raise ValueError('DATA is required (DATA/train/<class>/<image>); the demo needs none: '
-                         '`python train_pretrain.py` alone, or --preset demo')
-    if args.batch_size % world_size:
-        raise ValueError(f'batch size {args.batch_size} is not divisible by {world_size} processes')
-    if any(v for k, v in vars(args).items() if k.startswith('launch_')):
-        say('note: the launch flags (--dist-url, --world-size, ...) are ignored: torchrun does it')
+        raise UserError('DATA is required (DATA/train/<class>/<image>); the demo needs none: '
+                        '`python train_pretrain.py` alone, or --preset demo')
+    if args.batch_size % run.world_size:
+        raise UserError(f'batch size {args.batch_size} is not divisible by '
+                        f'{run.world_size} processes')
+    if any(value for name, value in vars(args).items() if name.startswith('launch_')):
+        run.say('note: the launch flags (--dist-url, --world-size, ...) are ignored: '
+                'torchrun does it')
 
     # ------------------------------------------------------------------------- data
-    if args.data == data.DEMO_ROOT and rank == 0:            # the built-in set, made once by rank 0
+    if args.data == data.DEMO_ROOT and run.is_main:          # the built-in set, made once
         data.build_demo_dataset(args.data)
-    if dist.is_initialized():
-        dist.barrier()
+    launch.barrier()
     if not os.path.isdir(args.data):
-        raise ValueError(f'data folder {args.data} does not exist')
+        raise UserError(f'data folder {args.data} does not exist')
     crops = augment.TwoCrops(*augment.pretrain_transforms(args.img_size, args.crop_min))
     train_set = data.image_folder(os.path.join(args.data, 'train'), crops)
     if len(train_set) < args.batch_size:
-        raise ValueError(f'{len(train_set)} images, fewer than a batch of {args.batch_size}')
-    batch = args.batch_size // world_size                     # per process
-    shard = functools.partial(data.make_loader, rank=rank, world_size=world_size,
-                              workers=args.workers, pin_memory=cuda, seed=args.seed)
-    loader = shard(train_set, batch, train=True)
+        raise UserError(f'{len(train_set)} images, fewer than a batch of {args.batch_size}')
+    batch = args.batch_size // run.world_size                 # per process
+    loader = data.make_loader(train_set, batch, run.rank, run.world_size, args.workers,
+                              train=True, pin_memory=cuda, seed=args.seed)
     knn_loaders = None
     if args.knn_data:                                         # labelled train/ and val/: kNN
-        view, root = augment.eval_transform(args.img_size), args.knn_data
-        knn_sets = [data.image_folder(os.path.join(root, s), view) for s in ('train', 'val')]
+        view = augment.eval_transform(args.img_size)
+        knn_sets = [data.image_folder(os.path.join(args.knn_data, split), view)
+                    for split in ('train', 'val')]
         data.check_same_classes(*knn_sets, args.knn_data)
-        knn_loaders = [shard(s, 256, train=False) for s in knn_sets]
+        knn_loaders = [data.make_loader(s, 256, run.rank, run.world_size, args.workers,
+                                        train=False, pin_memory=cuda, seed=args.seed)
+                       for s in knn_sets]
 
     # ------------------------------------------------------------------------- model
     torch.manual_seed(args.seed)                              # the same initial weights everywhere
-    model = simclr_byol.build_model(args.framework, arch=args.arch, dim=args.moco_dim,
-                                    mlp_dim=args.moco_mlp_dim, T=args.moco_t, head_bn=args.head_bn,
-                                    predictor=args.predictor, **backbone_kwargs(args))
+    raw_model = build_model(args)                             # the bare module: saved
     if dist.is_initialized() and cuda:                        # torchrun: DDP, even for 1 process
-        model = moco.convert_sync_batchnorm(model)            # BN statistics over the global batch
-    raw_model = model = model.to(device, memory_format=args.memory_format)  # bare module: saved
+        raw_model = moco.convert_sync_batchnorm(raw_model)    # BN statistics of the global batch
+    raw_model = raw_model.to(run.device, memory_format=memory_format(args))
     if args.pretrained:                                       # weights only: a fresh schedule
-        state = moco.read_checkpoint(args.pretrained)['state_dict']
-        moco.load_weights(raw_model, state, args.pretrained)
-    if args.compile:
-        model = torch.compile(model)
+        state = checkpoint.read(args.pretrained)['state_dict']
+        checkpoint.load_weights(raw_model, state, args.pretrained)
+    model = raw_model
     if dist.is_initialized():
-        ids = [local_rank] if cuda else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.device.index] if cuda else None)
+    if args.compile:               # around DDP, so that it can overlap gradient communication
+        model = torch.compile(model)
 
-    # ------------------------------------------------------------------------- optimizer and resume
+    # ------------------------------------------------------------------------- optimizer, resume
     optimizer = build_optimizer(raw_model, args)
-    scaler = torch.amp.GradScaler('cuda', enabled=args.dtype == 'fp16')   # bf16 needs no scaling
+    scaler = torch.amp.GradScaler('cuda', enabled=amp == torch.float16)   # bf16 needs none
     os.makedirs(args.output_dir, exist_ok=True)
-    args.log_path = os.path.join(args.output_dir, 'log.jsonl')
+    log_path = os.path.join(args.output_dir, 'log.jsonl')
     last_path = os.path.join(args.output_dir, 'checkpoint_last.pth')
-    if args.resume == 'auto':
-        args.resume = last_path if os.path.isfile(last_path) else ''
+    resume_path = args.resume
+    if resume_path == 'auto':
+        resume_path = last_path if os.path.isfile(last_path) else ''
     start_epoch, knn_init = args.start_epoch, None
-    if args.resume:
-        start_epoch, knn_init = resume(args.resume, raw_model, optimizer, scaler, args)
-    say(f'global batch {args.batch_size} = {world_size} x {batch} per process; base lr {args.lr:g}'
-        f', actual lr {args.lr * args.batch_size / 256:g} (= base x {args.batch_size}/256); '
-        f'{args.framework} {args.arch} {backbone_kwargs(args)}; {args.optimizer}; {args.dtype} on '
-        f'{device}; {len(loader)} steps/epoch; from epoch {start_epoch}')
-    plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-    if rank == 0:
-        start_log(args, plain, start_epoch)
+    if resume_path:
+        start_epoch, knn_init = resume(resume_path, raw_model, optimizer, scaler, args)
+        run.say(f'resumed from {resume_path} at epoch {start_epoch}')
+    run.say(f'global batch {args.batch_size} = {run.world_size} x {batch} per process; '
+            f'base lr {args.lr:g}, actual lr {args.lr * args.batch_size / 256:g} '
+            f'(= base x {args.batch_size}/256); {args.framework} {args.arch} '
+            f'{backbone_kwargs(args)}; {args.optimizer}; {launch.dtype_name(amp)} on '
+            f'{run.device}; {len(loader)} steps/epoch; from epoch {start_epoch}')
 
-    monitor = functools.partial(end_of_epoch, raw_model.base_encoder, knn_loaders, args)
+    if run.is_main:     # config.json; log.jsonl keeps what was done (a resume drops the redone)
+        with open(os.path.join(args.output_dir, 'config.json'), 'w') as f:
+            json.dump(dict(vars(args), backbone_kwargs=backbone_kwargs(args),
+                           dtype_used=launch.dtype_name(amp)), f, indent=1)
+        rows = open(log_path).readlines() if resume_path and os.path.isfile(log_path) else []
+        with open(log_path, 'w') as f:
+            f.writelines(r for r in rows if json.loads(r)['epoch'] <= start_epoch)
+
+    def log(row):
+        if run.is_main:
+            append_json(log_path, row)
+
+    def end_of_epoch(epoch, loss=None):
+        """The epoch's line: mean loss and the kNN top-1 (%) of the query backbone."""
+        acc = None
+        if knn_loaders:
+            acc = evaluation.knn_top1(raw_model.base_encoder, *knn_loaders,
+                                      len(knn_loaders[0].dataset.classes), run.device, amp)
+        run.say(f'epoch {epoch}/{args.epochs}'
+                + (f': loss {loss:.4f}' if loss is not None else '')
+                + (f', kNN top-1 {acc:.1f}%' if acc is not None else ''))
+        log(dict(epoch=epoch, loss_avg=loss, knn_top1=acc))
+        return acc
+
     # ------------------------------------------------------------------------- loop
-    knn = knn_init = monitor(0) if start_epoch == 0 else knn_init   # epoch 0: the random init
-    spikes = evaluation.SpikeMonitor(raw_model.base_encoder)  # gradients of the first, last layers
+    knn = knn_init = end_of_epoch(0) if start_epoch == 0 else knn_init   # the random init
+    # the gradient norms of the first and the last layers, every step (steps counted globally)
+    spikes = evaluation.SpikeMonitor(raw_model.base_encoder, first_step=start_epoch * len(loader))
     for epoch in range(start_epoch, args.epochs):
         # Data order and augmentations depend on (seed, epoch, rank) alone, so resuming at an epoch
         # replays what an uninterrupted run would have seen: exact resume without any RNG state.
         loader.sampler.set_epoch(epoch)
-        torch.manual_seed((args.seed * 10 ** 4 + epoch) * 10 ** 4 + rank)
-        loss = train_one_epoch(model, optimizer, scaler, loader, epoch, args, spikes)
-        knn = monitor(epoch + 1, loss)
-        # ------------------------------------------------------------------------- save
-        if rank == 0:
-            ckpt = dict(state_dict=raw_model.state_dict(), arch=args.arch, framework=args.framework,
-                        backbone_kwargs=backbone_kwargs(args), epoch=epoch + 1,
-                        optimizer=optimizer.state_dict(), knn_init=knn_init, args=plain,
+        torch.manual_seed((args.seed * 10 ** 4 + epoch) * 10 ** 4 + run.rank)
+        loss = train_one_epoch(model, optimizer, scaler, loader, epoch, args, run, amp, spikes,
+                               log)
+        knn = end_of_epoch(epoch + 1, loss)
+
+        # --------------------------------------------------------------------- save
+        if run.is_main:
+            ckpt = dict(state_dict=raw_model.state_dict(), arch=args.arch,
+                        framework=args.framework, backbone_kwargs=backbone_kwargs(args),
+                        epoch=epoch + 1, optimizer=optimizer.state_dict(), knn_init=knn_init,
+                        args=vars(args),
                         scaler=scaler.state_dict() if scaler.is_enabled() else None)
-            moco.save_checkpoint(ckpt, last_path)
+            checkpoint.save(ckpt, last_path)
             if args.save_every and (epoch + 1) % args.save_every == 0:
                 name = f'checkpoint_{epoch + 1:04d}.pth'
-                moco.save_checkpoint(ckpt, os.path.join(args.output_dir, name))
+                checkpoint.save(ckpt, os.path.join(args.output_dir, name))
+
     if args.preset == 'demo' and knn is not None and knn_init is not None:
-        say(f'demo kNN top-1: {knn:.1f}% (random init: {knn_init:.1f}%)')
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        run.say(f'demo kNN top-1: {knn:.1f}% (random init: {knn_init:.1f}%)')
+    launch.teardown()
     return knn
 
 
 if __name__ == '__main__':
-    try:
-        main(parse_args())
-    except ValueError as e:  # a user error: one line, no traceback, once (see data.error_line)
-        if line := data.error_line(e):                      # None: another rank says it
-            print(line, file=sys.stderr)
-        sys.exit(1)
+    launch.exit_on_user_error(lambda: main(parse_args()))

@@ -1,6 +1,8 @@
 """bench.py on tiny configs (CPU, 1-2 steps): FLOPs against a hand count and against a plain
-FlopCounterMode step, consistency of the reported figures, activation checkpointing, the JSON keys,
-the data mode, bad input. Not a timing test: no figure is compared with a speed."""
+FlopCounterMode step, a FLOP count that runs no step of the benchmarked batch before the memory
+is measured, the CPU's peak-memory reset, the dtype (default and peak) on a CPU, consistency of the
+reported figures, activation checkpointing, the JSON keys, the data mode, bad input. Not a timing
+test: no figure is compared with a speed."""
 import copy
 import json
 import os
@@ -12,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
+import launch  # noqa: E402
 import moco  # noqa: E402
 
 B, D, HEADS, IMG, PATCH, MLP, DIM = 2, 32, 2, 32, 16, 64, 16
@@ -23,7 +26,7 @@ TRAIN_KEYS = {'images_per_s', 'step_ms', 'phases_ms', 'phases_total_ms',
               'update_and_optimizer_share', 'flops_per_step', 'flops_per_image',
               'achieved_flops_per_s', 'peak_matmul_flops_per_s', 'mfu', 'mfu_cpu_time',
               'peak_memory_bytes', 'peak_memory_kind', 'compile_s', 'momentum_update_ms',
-              'load_avg', 'threads'}
+              'load_avg', 'threads', 'dtype', 'dtype_default'}
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +40,9 @@ def run(argv):
     return bench.main(bench.get_args_parser().parse_args(argv))
 
 
-def vit_step_flops_by_hand():
-    """Matmul FLOPs (2 per multiply-add) of one MoCo v3 step for the tiny ViT, term by term."""
+def vit_step_flops_by_hand(B=B):
+    """Matmul FLOPs (2 per multiply-add) of one MoCo v3 step of B images for the tiny ViT, term by
+    term."""
     L = (IMG // PATCH) ** 2
     N = L + 1
     patch = 2 * L * (3 * PATCH * PATCH) * D
@@ -74,16 +78,81 @@ def test_vit_flops_match_hand_count_and_figures_agree():
 
 
 def test_resnet_flops_equal_a_plain_counted_step():
+    # 5 images: bench counts steps of 2 and 4 and extrapolates (FLOPs = a B + c B^2)
     r = run(['--arch', 'resnet18', '--kw', 'small_stem=True', '--img-size', '8',
-             '--optimizer', 'lars'] + COMMON)
+             '--optimizer', 'lars'] + COMMON + ['-b', '5'])
     torch.manual_seed(0)
     model = moco.build_moco('resnet18', DIM, MLP, T=0.2, small_stem=True)
-    x1, x2 = torch.randn(B, 3, 8, 8), torch.randn(B, 3, 8, 8)
+    x1, x2 = torch.randn(5, 3, 8, 8), torch.randn(5, 3, 8, 8)
     # torch's own formulas: a ResNet has no attention
     with FlopCounterMode(display=False) as counter:
         model(x1, x2, 0.99).backward()
     assert r['flops_per_step'] == counter.get_total_flops() > 0
     assert r['phases_total_ms'] > 0 and r['step_ms'] > 0
+
+
+def record_steps(monkeypatch):
+    """Events of a bench run, in order: the batch of each full step `model(x1, x2, m)`, 'reset'
+    where the peak memory starts, and per step the dtype out of the first qkv matmul (autocast);
+    ('peak', dtype) for each matmul peak."""
+    events, build, reset, peak = [], moco.build_moco, bench.reset_peak_memory, bench.matmul_peak
+
+    def build_recorded(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda mod, inputs: events.append(inputs[0].shape[0]))
+        model.base_encoder.blocks[0].attn.qkv.register_forward_hook(
+            lambda mod, inputs, out: events.append(out.dtype) if mod.training else None)
+        return model
+    monkeypatch.setattr(bench.moco, 'build_moco', build_recorded)
+    monkeypatch.setattr(bench, 'reset_peak_memory', lambda d: events.append('reset') or reset(d))
+    monkeypatch.setattr(bench, 'matmul_peak',
+                        lambda d, dtype, n: events.append(('peak', dtype)) or peak(d, dtype, n))
+    return events
+
+
+def test_flop_count_runs_no_step_of_the_measured_batch(monkeypatch):
+    """The memory measured is that of the benchmarked step: before the peak-memory reset only
+    steps of 2 and 4 images ran (the FLOP count), whatever the batch, so a --grad-ckpt row
+    never first runs an uncheckpointed step of its batch; the count is still exact at 5."""
+    events = record_steps(monkeypatch)
+    r = run(TINY_VIT + COMMON + ['-b', '5', '--grad-ckpt', '--dtype', 'fp32'])
+    batches = [e for e in events if isinstance(e, int) or e == 'reset']
+    assert batches[:3] == [2, 4, 'reset'] and set(batches[3:]) == {5}
+    assert r['flops_per_step'] == vit_step_flops_by_hand(5)
+    assert r['peak_memory_kind'] == 'process peak RSS (CPU)'   # Linux: reset where the steps begin
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/clear_refs'), reason='Linux only')
+def test_cpu_peak_memory_starts_at_the_reset():
+    cpu = torch.device('cpu')
+    big = torch.ones(2 ** 26)                       # 256 MiB, every page touched
+    del big                                         # glibc returns a block this large to the OS
+    before = bench.peak_memory(cpu)
+    assert bench.reset_peak_memory(cpu) == 'process peak RSS (CPU)'
+    assert bench.peak_memory(cpu) < before - 200 * 2 ** 20
+
+
+@pytest.mark.parametrize('native_bf16', [True, False])
+def test_cpu_dtype_defaults_to_the_native_one_with_its_own_peak(monkeypatch, native_bf16):
+    """On a CPU the default dtype is launch.amp_dtype's (bf16 where native); the step runs under
+    CPU autocast in it, and the matmul peak is measured in it."""
+    monkeypatch.setattr(launch, 'cpu_has_native_bf16', lambda: native_bf16)
+    events = record_steps(monkeypatch)
+    r = run(TINY_VIT + COMMON)
+    dtype = torch.bfloat16 if native_bf16 else torch.float32
+    assert r['dtype'] == ('bf16' if native_bf16 else 'fp32') and r['dtype_default'] is True
+    assert [e for e in events if isinstance(e, tuple)] == [('peak', dtype)] * 2
+    assert {e for e in events if isinstance(e, torch.dtype)} == {dtype}
+    assert r['flops_per_step'] == vit_step_flops_by_hand()   # FLOPs do not depend on the dtype
+
+
+def test_cpu_bf16_can_be_asked_and_fp32_kept(monkeypatch):
+    monkeypatch.setattr(launch, 'cpu_has_native_bf16', lambda: True)
+    events = record_steps(monkeypatch)
+    r = run(TINY_VIT + COMMON + ['--dtype', 'fp32'])
+    assert r['dtype'] == 'fp32' and r['dtype_default'] is False
+    assert {e for e in events if isinstance(e, (tuple, torch.dtype))} == {
+        ('peak', torch.float32), torch.float32}
 
 
 def test_grad_ckpt_recomputes_blocks_and_keeps_gradients():
@@ -136,7 +205,7 @@ def test_data_mode_measures_the_pipelines(capsys):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--dtype', 'bf16', '--device', 'cpu'], 'CUDA only'),
+    (['--dtype', 'fp16', '--device', 'cpu'], 'needs a CUDA GPU'),
     (['--arch', 'vit_nope', '--device', 'cpu'], 'unknown arch'),
     (['--arch', 'resnet18', '--grad-ckpt', '--device', 'cpu', '--img-size', '8',
       '--moco-mlp-dim', '8'], 'ViT blocks'),
@@ -144,6 +213,6 @@ def test_data_mode_measures_the_pipelines(capsys):
     (['--device', 'gpu0'], '--device'),
 ])
 def test_bad_input_is_one_line(argv, message):
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(launch.UserError) as e:
         run(argv)
     assert message in str(e.value) and '\n' not in str(e.value)

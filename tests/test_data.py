@@ -108,20 +108,6 @@ def test_unreadable_image_and_missing_folders_are_one_line(tmp_path):
         data.image_folder(str(tmp_path / 'empty'), None)
 
 
-def test_error_line_is_the_last_line_said_once(monkeypatch):
-    # as a loader worker delivers it: the worker's traceback, then the error's own line
-    worker = data.UnreadableImage('Caught UnreadableImage in DataLoader worker process 0.\n'
-                                  'Traceback (most recent call last):\n  File "x.py", line 1\n'
-                                  'data.UnreadableImage: cannot read image a/b.png: truncated\n')
-    plain = ValueError('--batch-size 3 must be a multiple of 2 processes')
-    monkeypatch.delenv('RANK', raising=False)
-    assert data.error_line(worker) == 'error: cannot read image a/b.png: truncated'
-    assert data.error_line(plain) == 'error: --batch-size 3 must be a multiple of 2 processes'
-    monkeypatch.setenv('RANK', '1')                     # not rank 0: only its own bad image
-    assert data.error_line(plain) is None
-    assert data.error_line(worker) == 'error: cannot read image a/b.png: truncated'
-
-
 def test_eval_transform_is_resize_then_centre_crop():
     img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (60, 80, 3), dtype=np.uint8))
     for bicubic, mode in ((False, Image.BILINEAR), (True, Image.BICUBIC)):

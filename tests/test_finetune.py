@@ -1,7 +1,9 @@
 """train_finetune.py: checkpoint loading and the fresh head, the no-decay groups, MixUp/CutMix
-targets and DeiT's loss, layer-wise lr decay and the schedule against hand values, presets, a few
-steps end to end, exact resume with repeated augmentation, bad input; DeiT's repeated-augmentation
-sampler and timm's RandAugment against their documented semantics."""
+targets and DeiT's loss, layer-wise lr decay and DeiT's lr schedule against hand values, presets,
+a few steps end to end, exact resume with repeated augmentation, bad input; for both fine-tuning
+and train_linear.py: rank 0 builds the demo data before any rank reads it, torch's errors keep
+their traceback; DeiT's repeated-augmentation sampler and timm's RandAugment against their
+documented semantics."""
 import json
 import math
 import os
@@ -18,10 +20,13 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 
 import augment
+import checkpoint
 import data
 import evaluation
+import launch
 import moco
 import train_finetune as ft
+import train_linear as tl
 import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,9 +72,17 @@ def files(tmp_path_factory):
 
 
 def args_for(files, *extra, data='data'):
+    """A short run in fp32 (the CPU default is bf16 where the CPU has it natively): the tests
+    compare its numbers with references."""
     return ft.parse_args([str(files / data), '--pretrained', str(files / 'vit.pth'),
                           '-b', '8', '--epochs', '2', '--warmup-epochs', '1', '-j', '0', '-p', '1',
-                          '--output-dir', str(files / 'out'), '--no-repeated-aug', *extra])
+                          '--output-dir', str(files / 'out'), '--no-repeated-aug',
+                          '--dtype', 'fp32', *extra])
+
+
+def build_model(args, num_classes=3):
+    pretrained = checkpoint.read(args.pretrained) if args.pretrained else {}
+    return ft.build_model(args, pretrained, num_classes)
 
 
 # ----------------------------------------------------------------------- loading and the fresh head
@@ -77,7 +90,7 @@ def args_for(files, *extra, data='data'):
 def test_vit_backbone_loaded_and_head_fresh(files, img_size):
     args = args_for(files, '--img-size', str(img_size))
     torch.manual_seed(1)
-    model, arch, kwargs = ft.build_model(args, num_classes=3)
+    model, arch, kwargs = build_model(args)
     ckpt = torch.load(files / 'vit.pth', weights_only=True)['state_dict']
     assert arch == 'vit_tiny' and kwargs['num_classes'] == 3 and kwargs['img_size'] == img_size
     for k, v in model.state_dict().items():
@@ -102,7 +115,7 @@ def test_vit_backbone_loaded_and_head_fresh(files, img_size):
 
 def test_resnet_backbone_loaded_and_fc_default(files):
     args = ft.parse_args([str(files / 'data'), '--pretrained', str(files / 'r18.pth')])
-    model, arch, kwargs = ft.build_model(args, num_classes=3)
+    model, arch, kwargs = build_model(args)
     ckpt = torch.load(files / 'r18.pth', weights_only=True)['state_dict']
     assert arch == 'resnet18'
     n = 0
@@ -119,7 +132,7 @@ def test_resnet_backbone_loaded_and_fc_default(files):
 
 def test_random_init_takes_architecture_only(files):
     torch.manual_seed(0)
-    model, _, _ = ft.build_model(args_for(files, '--random-init'), num_classes=3)
+    model, _, _ = build_model(args_for(files, '--random-init', '--img-size', '16'))
     ckpt = torch.load(files / 'vit.pth', weights_only=True)['state_dict']
     assert len(model.blocks) == 2 and model.num_features == 32
     assert not torch.equal(model.blocks[0].attn.qkv.weight,
@@ -167,11 +180,25 @@ def test_layer_decay_hand_values():
             and ft.vit_layer_id('head.bias', 12) == 13)
 
 
-def test_lr_schedule_hand_values():
-    lr = lambda s: ft.lr_at(s, total_steps=110, warmup_steps=10, lr=1.0, min_lr=0.1)
-    assert lr(0) == 0.0 and lr(5) == 0.5 and lr(10) == 1.0
-    assert math.isclose(lr(60), 0.1 + 0.9 * 0.5) and math.isclose(lr(110), 0.1)
-    assert math.isclose(lr(35), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+def test_lr_schedule_is_deits_by_hand():
+    """timm's CosineLRScheduler as DeiT sets it up, by hand: lr 1e-3, 12 epochs, 4 of them a
+    linear warm-up from 1e-6, that is 1e-6 + e (1e-3 - 1e-6) / 4; then a half-cosine to the min
+    lr 1e-5 over ALL 12 epochs, 1e-5 + (1e-3 - 1e-5) (1 + cos(pi e / 12)) / 2."""
+    def lr(epoch, warmup_epochs=4):
+        return ft.lr_at(epoch, lr=1e-3, epochs=12, warmup_epochs=warmup_epochs,
+                        warmup_lr=1e-6, min_lr=1e-5)
+
+    hand = {0: 0.000001, 1: 0.00025075, 2: 0.0005005, 3: 0.00075025,
+            4: 0.0007525,       # cos(pi/3) = 1/2: the cosine began at epoch 0, 1e-3 never runs
+            6: 0.000505,        # cos(pi/2) = 0: halfway between 1e-3 and 1e-5
+            8: 0.0002575,       # cos(2pi/3) = -1/2
+            11: 0.00001 + 0.00099 * (1 - 0.9659258262890683) / 2,    # cos(pi/12) = 0.96592...
+            12: 0.00001}        # the end of the cosine: the min lr
+    for epoch, value in hand.items():
+        assert math.isclose(lr(epoch), value, rel_tol=1e-12), epoch
+    assert math.isclose(lr(0, warmup_epochs=0), 0.001, rel_tol=1e-12)   # no warm-up: lr first
+    # the demo (5 epochs) has none: a warm-up epoch would be one of five at 1e-6
+    assert ft.DEMO_PRESET['warmup_epochs'] == 0
 
 
 # ---------------------------------------------------------------------- MixUp / CutMix and the loss
@@ -224,7 +251,7 @@ def test_few_steps_end_to_end(files, capsys):
     best = torch.load(out / 'model_best.pth', weights_only=True)
     assert (ckpt['epoch'] == 2 and ckpt['step'] == 6
             and set(best) >= {'state_dict', 'arch', 'backbone_kwargs'})
-    model = moco.build_backbone(ckpt['arch'], **ckpt['backbone_kwargs'])
+    model = moco.ARCHS[ckpt['arch']](**ckpt['backbone_kwargs'])
     model.load_state_dict(ckpt['state_dict'])  # strict: bare, timm's key layout
     pre = torch.load(files / 'vit.pth', weights_only=True)['state_dict']
     assert not torch.equal(model.blocks[0].attn.qkv.weight,
@@ -238,12 +265,13 @@ def test_few_steps_end_to_end(files, capsys):
     rows = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
     steps, epochs = [r for r in rows if 'loss' in r], [r for r in rows if 'val_top1' in r]
     assert len(steps) == 6 and len(epochs) == 2 and all(math.isfinite(r['loss']) for r in steps)
-    # the schedule is applied every iteration (3 steps per epoch, 1 warmup epoch), times each
-    # group's lr_scale
-    lr = 5e-4 * 8 / 512
-    assert [r['lr'] for r in steps] == [ft.lr_at(i, 6, 3, lr, 1e-5) for i in range(6)]
+    # one lr an epoch (3 steps each), times each group's lr_scale: 1 warm-up epoch at 1e-6, then
+    # the cosine at 1/2 of 2 epochs from 5e-4 x 8/512 = 7.8125e-6 to 1e-5 (a rise: the min lr is
+    # above this tiny batch's lr)
+    epoch_1 = 1e-5 + (7.8125e-6 - 1e-5) / 2
+    assert [r['lr'] for r in steps] == pytest.approx([1e-6] * 3 + [epoch_1] * 3, rel=1e-12)
     groups = ckpt['optimizer']['param_groups']
-    assert all(math.isclose(g['lr'], g['lr_scale'] * ft.lr_at(5, 6, 3, lr, 1e-5)) for g in groups)
+    assert all(math.isclose(g['lr'], g['lr_scale'] * epoch_1, rel_tol=1e-12) for g in groups)
     # 0.75^(3..0)
     assert sorted({round(g['lr_scale'], 6) for g in groups}) == [0.421875, 0.5625, 0.75, 1.0]
 
@@ -254,15 +282,15 @@ def test_resume_is_exact(files, monkeypatch):
     extra = ('--model-ema', '--model-ema-decay', '0.9', '--drop-path', '0.2', '--repeated-aug',
              '-b', '128')
     ft.main(args_for(files, '--output-dir', str(files / 'full'), *extra, data='big'))
-    save = moco.save_checkpoint
+    save = checkpoint.save
 
     def save_and_keep_epoch_1(obj, path):  # a run that "crashes" after epoch 1
         save(obj, path)
         if obj.get('epoch') == 1 and str(path).endswith('checkpoint_last.pth'):
             shutil.copy(path, files / 'epoch1.pth')
-    monkeypatch.setattr(moco, 'save_checkpoint', save_and_keep_epoch_1)
+    monkeypatch.setattr(checkpoint, 'save', save_and_keep_epoch_1)
     ft.main(args_for(files, '--output-dir', str(files / 'tmp_run'), *extra, data='big'))
-    monkeypatch.setattr(moco, 'save_checkpoint', save)
+    monkeypatch.setattr(checkpoint, 'save', save)
     ft.main(args_for(files, '--output-dir', str(files / 'resumed'),
                      '--resume', str(files / 'epoch1.pth'), *extra, data='big'))
     a = torch.load(files / 'full' / 'checkpoint_last.pth', weights_only=True)
@@ -300,9 +328,63 @@ def test_bad_input_is_one_line(files, case, message):
             'repeated_aug_too_few': [str(files / 'data'), '--pretrained',
                                      str(files / 'vit.pth')]}[case]
     args += ['--no-repeated-aug'] if case != 'repeated_aug_too_few' else []
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(launch.UserError) as e:
         ft.main(ft.parse_args(args + ['-b', '8', '-j', '0', '--output-dir', str(files / 'bad')]))
     assert message in str(e.value) and '\n' not in str(e.value)
+
+
+# ------------------------------------------------------------- both scripts: torchrun and the exit
+SCRIPTS = {'train_linear': tl, 'train_finetune': ft}
+
+
+class Stop(Exception):
+    """Ends a run where the test has seen what it needs."""
+
+
+@pytest.mark.parametrize('rank', [0, 1])
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_demo_data_is_built_by_rank_0_before_any_rank_reads(monkeypatch, script, rank):
+    """Under torchrun rank 0 builds the demo set, every rank waits at the barrier, then reads:
+    a late rank's rebuild (rmtree) can no longer remove files that another one is reading."""
+    events = []
+
+    def read(*args):
+        events.append('read')
+        raise Stop
+
+    monkeypatch.setattr(launch, 'setup', lambda: launch.Run(rank, 2, 0, torch.device('cpu')))
+    monkeypatch.setattr(launch, 'barrier', lambda: events.append('barrier'))
+    monkeypatch.setattr(data, 'build_demo_dataset', lambda root: events.append('build'))
+    monkeypatch.setattr(data, 'build_dataset', read)
+    module = SCRIPTS[script]
+    with pytest.raises(Stop):
+        module.main(module.parse_args([data.DEMO_ROOT, '-a', 'vit_tiny', '-b', '8']))
+    built = ['build'] if rank == 0 else []
+    assert events == built + ['barrier', 'read']
+
+
+@pytest.mark.parametrize('error', ['ValueError', 'launch.UserError'])
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_torch_errors_keep_their_traceback_user_errors_are_one_line(tmp_path, script, error):
+    """The script's own exit (`__main__`): a ValueError raised inside main (as torch raises
+    them) keeps its traceback; a UserError is one line and exit code 1."""
+    path = os.path.join(ROOT, f'{script}.py')
+    code = '\n'.join([
+        'import runpy, sys',
+        'import data, launch',
+        'def fail(*args):',
+        f'    raise {error}("x")',
+        'data.build_dataset = fail',
+        f"sys.argv = [{path!r}, 'DATA', '-a', 'vit_tiny', '-j', '0']",
+        f"runpy.run_path({path!r}, run_name='__main__')"])
+    p = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, 'PYTHONPATH': ROOT}, timeout=120)
+    assert p.returncode == 1
+    if error == 'ValueError':
+        assert 'Traceback' in p.stderr and 'in fail' in p.stderr
+        assert p.stderr.strip().splitlines()[-1] == 'ValueError: x'
+    else:
+        assert p.stderr.strip().splitlines() == ['error: x']
 
 
 def test_corrupt_image_is_named(files, tmp_path):
@@ -343,6 +425,9 @@ def test_presets_are_defaults_and_flags_win():
         (plain.epochs, plain.batch_size, plain.lr, plain.weight_decay) == (150, 1024, 5e-4, 0.05))
     assert ((plain.mixup, plain.cutmix, plain.reprob, plain.drop_path, plain.smoothing)
             == (0.8, 1.0, 0.25, 0.1, 0.1))
+    # DeiT's schedule: 5 warm-up epochs from 1e-6, the cosine to 1e-5; the dtype: the hardware's
+    assert (plain.warmup_epochs, plain.warmup_lr, plain.min_lr) == (5, 1e-6, 1e-5)
+    assert plain.dtype is None
     assert (plain.ra_num_ops, plain.ra_magnitude, plain.ra_mstd) == (2, 9, 0.5)
     assert plain.repeated_aug and plain.interpolation == 'bicubic' and plain.crop_min == 0.08
     assert not ft.parse_args(['/data', '--no-repeated-aug']).repeated_aug

@@ -1,6 +1,6 @@
 """The porting kit: golden/mocov3_vit_tiny.npz (written by tools/make_golden.py) equals what the
 code computes now, holds every key a port needs, is sharp enough to catch a port's typical mistakes,
-and the numpy example of the README's "Porting" section runs against it with numpy only."""
+and the numpy example of PORTING.md runs against it with numpy only."""
 import json
 import os
 import re
@@ -153,12 +153,11 @@ def test_tolerances_catch_a_wrong_step(stored, monkeypatch, name):
         assert {k.split("/")[0] for k in bad} == {name.split()[0]}
 
 
-# ---- the README's example ------------------------------------------------------------------------
-def readme_example():
-    """The first ```python block of README.md's "## Porting" section."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        section = f.read().split("\n## Porting\n", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+# ---- PORTING.md's example ------------------------------------------------------------------------
+def porting_example():
+    """The first ```python block of PORTING.md."""
+    with open(os.path.join(ROOT, "PORTING.md")) as f:
+        return re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
 
 
 def run_numpy_only(code, cwd):
@@ -168,8 +167,8 @@ def run_numpy_only(code, cwd):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
 
 
-def test_readme_numpy_example(stored, tmp_path):
-    code = readme_example()
+def test_porting_numpy_example_checks_the_loss(stored, tmp_path):
+    code = porting_example()
     done = run_numpy_only(code, ROOT)
     assert done.returncode == 0, done.stderr
     # The same example on a file whose loss lacks the factor 2 tau must fail.

@@ -1,6 +1,7 @@
 """Tests for train_linear.py: accuracy/evaluate/kNN on hand-made cases, the official sanity check,
 loading an official-layout checkpoint, 2 epochs end to end with exact resume,
-2 processes == 1 process, bad input."""
+2 processes == 1 process, 1 process in torchrun's environment == the plain run (and its process
+group ends with main), bad input."""
 import json
 import math
 import os
@@ -11,12 +12,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
 import evaluation  # noqa: E402
+import launch  # noqa: E402
 import moco  # noqa: E402
 import train_linear as tl  # noqa: E402
 from evaluation import knn_predict  # noqa: E402
@@ -125,7 +129,8 @@ def test_official_layout_loads_with_fresh_head(tmp_path):
 def test_sanity_check_catches_weight_and_bn_buffer(tmp_path):
     make_pretrained(tmp_path / 'r18.pth', 'resnet18')
     model, key = tl.build_model(str(tmp_path / 'r18.pth'), 'resnet18', 3)
-    ref = moco.load_backbone(str(tmp_path / 'r18.pth')).state_dict()  # what the script compares to
+    # what the script compares to
+    ref = checkpoint.load_backbone(str(tmp_path / 'r18.pth')).state_dict()
     model.fc.weight.data += 1.0  # the head may change
     tl.sanity_check(model, ref, key)
     for name in ('layer2.0.conv1.weight', 'layer3.1.bn2.running_mean', 'bn1.running_var'):
@@ -191,7 +196,7 @@ def test_demo_flow_probes_checkpoint_and_random_init(tmp_path, monkeypatch, caps
                           '--epochs', '90'])
     # the preset, a ViT
     assert args.cache_features and args.knn and args.batch_size == 256 and args.lr == 3.0
-    res = tl.demo(args)
+    res = tl.main(args)
     assert set(res) == {'trained', 'random_init'} and all('knn_top1' in r for r in res.values())
     trained = torch.load(tmp_path / 'out' / 'checkpoint_last.pth', weights_only=True)
     rand = torch.load(tmp_path / 'out' / 'random_init' / 'checkpoint_last.pth', weights_only=True)
@@ -232,8 +237,32 @@ def test_two_processes_equal_one(tmp_path):
     assert one['top1'] == logs[1][-1]['val_top1']
 
 
+def test_one_process_under_torchrun_env_equals_plain_and_ends_its_group(tmp_path, monkeypatch):
+    """torchrun's environment with one process: launch.setup() makes a gloo group (gathered
+    features, summed evaluation over one rank), the numbers are the plain run's, bit for bit, and
+    main destroys the group at the end."""
+    data = make_data(tmp_path / 'data')
+    make_pretrained(tmp_path / 'vit.pth', 'vit_tiny', **VIT)
+    flags = ['--pretrained', tmp_path / 'vit.pth', '--epochs', 2, '-b', 8]
+    run(data, tmp_path / 'plain', *flags)
+    env = dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
+               MASTER_PORT=str(free_port()))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        run(data, tmp_path / 'group', *flags)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    a, b = (torch.load(tmp_path / d / 'checkpoint_last.pth', weights_only=True)['state_dict']
+            for d in ('plain', 'group'))
+    assert torch.equal(a['head.weight'], b['head.weight'])
+    assert torch.equal(a['head.bias'], b['head.bias'])
+
+
 # ----------------------------------------------------------------------------- bad input
-def test_bad_input(tmp_path):
+def test_bad_input_is_one_line(tmp_path):
     data = make_data(tmp_path / 'data', n_train=1, n_val=1)
     make_pretrained(tmp_path / 'r18.pth', 'resnet18')
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
@@ -255,7 +284,7 @@ def test_bad_input(tmp_path):
         (tmp_path / 'noval', '--pretrained', tmp_path / 'r18.pth'),
         (tmp_path / 'nodata', '--pretrained', tmp_path / 'r18.pth')]
     for d, *flags in cases:
-        with pytest.raises(ValueError) as e:
+        with pytest.raises(launch.UserError) as e:
             run(d, tmp_path / 'out', *flags)
         msg = str(e.value)
         assert msg and '\n' not in msg, (flags, msg)
@@ -296,6 +325,6 @@ def test_corrupt_image_is_one_line(tmp_path):
     data = make_data(tmp_path / 'data')
     make_pretrained(tmp_path / 'vit.pth', 'vit_tiny', **VIT)
     (tmp_path / 'data' / 'val' / 'class1' / 'broken.png').write_bytes(b'not a png')
-    with pytest.raises(ValueError, match='broken.png') as e:
+    with pytest.raises(launch.UserError, match='broken.png') as e:
         run(data, tmp_path / 'o', '--pretrained', tmp_path / 'vit.pth', '--epochs', 1, '-b', 8)
     assert '\n' not in str(e.value)

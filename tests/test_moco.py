@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 import moco  # noqa: E402
 import resnet  # noqa: E402
 import vit  # noqa: E402
@@ -241,7 +243,7 @@ def test_key_layout_vit_and_official_state_dict_loads():
     official = {"module." + k: v.clone() + 0.01 for k, v in sd.items() if v.is_floating_point()}
     official.update({"module." + k: v for k, v in sd.items() if not v.is_floating_point()})
     fresh = moco.build_moco("vit_tiny", dim=16, mlp_dim=48, **VIT_TINY)
-    fresh.load_state_dict(moco.strip_prefix(official), strict=True)
+    fresh.load_state_dict(checkpoint.strip_prefix(official), strict=True)
     assert torch.equal(fresh.state_dict()["predictor.3.weight"],
                        official["module.predictor.3.weight"])
 
@@ -299,9 +301,7 @@ def test_ablation_switches():
     assert abs(loss.item() - official_forward(ref, x1, x2, 0.99).item()) <= 1e-6
 
 
-def test_build_backbone_and_moco_errors():
-    with pytest.raises(ValueError, match="resnet50.*vit_base|vit_base.*resnet50"):
-        moco.build_backbone("vit_gigantic")
+def test_archs_and_sync_batchnorm_conversion():
     assert set(moco.ARCHS) == set(vit.ARCHS) | set(resnet.ARCHS)
     # conversion only: SyncBN runs under CUDA DDP
     model = moco.convert_sync_batchnorm(tiny_resnet_moco())
@@ -319,7 +319,7 @@ def test_load_backbone_round_trips(tmp_path):
     path = tmp_path / "ours.pth"
     torch.save({"state_dict": model.state_dict(), "arch": "vit_tiny", "epoch": 1,
                 "backbone_kwargs": {**VIT_TINY, "stop_grad_conv1": True}}, path)
-    bb = moco.load_backbone(path).eval()
+    bb = checkpoint.load_backbone(path).eval()
     # not frozen any more
     assert isinstance(bb.head, nn.Identity) and bb.patch_embed.proj.weight.requires_grad
     assert torch.equal(bb(x), model.base_encoder.eval().forward_features(x))
@@ -328,7 +328,7 @@ def test_load_backbone_round_trips(tmp_path):
     # (passed here instead)
     torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()},
                 "arch": "vit_tiny", "epoch": 1}, path)
-    assert torch.equal(moco.load_backbone(path, **VIT_TINY).eval()(x), bb(x))
+    assert torch.equal(checkpoint.load_backbone(path, **VIT_TINY).eval()(x), bb(x))
 
     # a ResNet, and a plain classifier state dict (torchvision-style file, with its fc)
     r = tiny_resnet_moco()
@@ -336,18 +336,18 @@ def test_load_backbone_round_trips(tmp_path):
     torch.save({"state_dict": r.state_dict(), "arch": "resnet18",
                 "backbone_kwargs": {"small_stem": True}}, path)
     feats = r.base_encoder.eval().forward_features(x)
-    assert torch.equal(moco.load_backbone(path).eval()(x), feats)
+    assert torch.equal(checkpoint.load_backbone(path).eval()(x), feats)
     plain = resnet.resnet18(small_stem=True, num_classes=10)
-    plain.load_state_dict({**moco.load_backbone(path).state_dict(),
+    plain.load_state_dict({**checkpoint.load_backbone(path).state_dict(),
                            "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)})
     torch.save(plain.state_dict(), path)
-    assert torch.equal(moco.load_backbone(path, "resnet18", small_stem=True).eval()(x), feats)
+    assert torch.equal(checkpoint.load_backbone(path, "resnet18", small_stem=True).eval()(x), feats)
 
 
 def test_load_backbone_bad_files(tmp_path):
     def error(path, *args, **kwargs):
         with pytest.raises(ValueError) as e:
-            moco.load_backbone(path, *args, **kwargs)
+            checkpoint.load_backbone(path, *args, **kwargs)
         assert "\n" not in str(e.value) and str(path) in str(e.value)
         return str(e.value)
 
@@ -384,11 +384,11 @@ def test_load_backbone_without_class_token_and_final_norm(tmp_path):
     path = tmp_path / "no_cls.pth"
     torch.save({"state_dict": sd, "arch": "vit_tiny", "backbone_kwargs": kw}, path)
     x = torch.randn(3, 3, 16, 16)
-    assert torch.equal(moco.load_backbone(path).eval()(x),
+    assert torch.equal(checkpoint.load_backbone(path).eval()(x),
                        model.base_encoder.eval().forward_features(x))
     # other settings than the checkpoint's
     with pytest.raises(ValueError, match="missing.*cls_token"):
-        moco.load_backbone(path, class_token=True)
+        checkpoint.load_backbone(path, class_token=True)
 
 
 # ----------------------------------------------------------------------------- 2 processes vs 1
@@ -468,3 +468,23 @@ def test_two_processes_gloo_equal_one_process(tmp_path):
 
 if __name__ == "__main__":
     ddp_worker(sys.argv[1])
+
+
+def test_loss_is_computed_in_fp32_under_autocast():
+    """Under bf16 autocast the heads' outputs arrive in bf16; the logits q.k/tau must still be
+    fp32 (a bf16 logit at 1/tau = 5 is quantised to ~0.02): the loss equals the fp32 loss of the
+    same (bf16-valued) embeddings, bit for bit, and its gradient flows back in the input's dtype."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(8, 16, generator=g).bfloat16().requires_grad_()
+    k = torch.randn(8, 16, generator=g).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = moco.contrastive_loss(q, k, 0.2)
+    reference = moco.contrastive_loss(q.detach().float(), k.float(), 0.2)
+    assert loss.dtype == torch.float32 and torch.equal(loss, reference)
+    loss.backward()
+    assert q.grad.dtype == torch.bfloat16
+    # what the guard prevents: the same logits computed by autocast's bf16 matmul differ
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qn, kn = F.normalize(q.detach().float(), dim=1), F.normalize(k.float(), dim=1)
+        coarse = F.cross_entropy(qn @ kn.T / 0.2, torch.arange(8)) * 0.4
+    assert coarse.item() != reference.item()

@@ -18,6 +18,8 @@ sys.path.insert(0, ROOT)
 import augment  # noqa: E402
 import data as data_lib  # noqa: E402
 import evaluation  # noqa: E402
+import checkpoint  # noqa: E402
+import launch  # noqa: E402
 import moco  # noqa: E402
 import train_pretrain as tp  # noqa: E402
 
@@ -88,6 +90,33 @@ def recipe(*argv):
     return args, tp.backbone_kwargs(args)
 
 
+def resolved(*argv):
+    args = tp.parse_args(['/data', *argv])
+    return (args.optimizer, args.lr, args.weight_decay, args.moco_t, args.moco_m, args.crop_min,
+            args.head_bn, args.predictor, args.stop_grad_conv1)
+
+
+def test_framework_recipes_are_their_papers():
+    """SimCLR and BYOL: on ViTs the lr and wd of the MoCo v3 paper (Fig. 6), on ResNets their own
+    papers' LARS recipes; tau and m of their own papers; their heads."""
+    assert resolved('-a', 'vit_base', '--framework', 'simclr') == \
+        ('adamw', 2e-4, 0.1, 0.1, 0.0, 0.08, 'all', False, True)
+    assert resolved('-a', 'resnet50', '--framework', 'simclr') == \
+        ('lars', 0.3, 1e-6, 0.1, 0.0, 0.08, 'all', False, False)
+    assert resolved('-a', 'vit_base', '--framework', 'byol') == \
+        ('adamw', 1e-4, 0.03, 1.0, 0.996, 0.08, 'hidden', True, True)
+    assert resolved('-a', 'resnet50', '--framework', 'byol') == \
+        ('lars', 0.2, 1.5e-6, 1.0, 0.996, 0.08, 'hidden', True, False)
+    # MoCo v3's longer R-50 rows are MoCo v3's alone
+    longer = resolved('-a', 'resnet50', '--framework', 'byol', '--epochs', '1000')
+    assert longer[1:3] == (0.2, 1.5e-6)
+    # the demo preset's values win over the framework's recipe; flags win over both
+    assert resolved('--preset', 'demo', '--framework', 'byol')[1] == 2e-3
+    assert resolved('--framework', 'byol', '-a', 'vit_small', '--moco-m', '0.99')[4] == 0.99
+    with pytest.raises(ValueError, match='SimCLR has no predictor'):
+        tp.build_model(tp.parse_args(['/d', '--framework', 'simclr', '--predictor']))
+
+
 def test_recipes():
     args, kwargs = recipe('--arch', 'vit_base')
     assert ((args.optimizer, args.lr, args.weight_decay, args.epochs, args.warmup_epochs,
@@ -99,7 +128,7 @@ def test_recipes():
     assert ((args.optimizer, args.lr, args.weight_decay, args.moco_m, args.moco_t,
              args.warmup_epochs, args.crop_min, args.batch_size, args.epochs)
             == ('lars', 0.6, 1e-6, 0.99, 1.0, 10, 0.2, 4096, 100))
-    assert args.moco_m_cos and kwargs == {}
+    assert args.moco_m_cos and kwargs == {'zero_init_residual': True}   # as the official code
     args, _ = recipe('-a', 'resnet50', '--epochs', '300')
     assert (args.lr, args.weight_decay, args.moco_m) == (0.3, 1e-6, 0.99)
     args, _ = recipe('-a', 'resnet50', '--epochs', '1000')
@@ -213,8 +242,16 @@ import augment, data, evaluation, train_pretrain as tp
 root, out = sys.argv[2], sys.argv[3]
 run_epoch = tp.train_one_epoch
 def train_one_epoch(model, *a, **k):                # keep every rank's weights after the epoch
-    run_epoch(model, *a, **k)
     raw_model = model.module
+    forward, local = raw_model.forward, []
+    def recording(*inputs):                          # this rank's own step losses
+        loss = forward(*inputs)
+        local.append(loss.item())
+        return loss
+    raw_model.forward = recording
+    mean = run_epoch(model, *a, **k)
+    torch.save({'mean': mean, 'local': local}, f'{out}/loss{dist.get_rank()}.pth')
+    raw_model.forward = forward
     params = {n: p.detach() for n, p in raw_model.named_parameters()}
     torch.save(params, f'{out}/rank{dist.get_rank()}.pth')
     # the gathered features of a sharded loader equal one process's features of the set, in order
@@ -225,6 +262,7 @@ def train_one_epoch(model, *a, **k):                # keep every rank's weights 
     ref, ref_l = evaluation.extract_features(raw_model.base_encoder, whole, torch.device('cpu'))
     equal = torch.allclose(f, ref, atol=1e-5) and torch.equal(l, ref_l)
     torch.save({'equal': equal}, f'{out}/gather{dist.get_rank()}.pth')
+    return mean
 tp.train_one_epoch = train_one_epoch
 tp.main(tp.parse_args(sys.argv[4:]))
 """
@@ -247,6 +285,13 @@ def test_two_process_gloo(data, tmp_path):
     w0, w1 = load(tmp_path / 'rank0.pth'), load(tmp_path / 'rank1.pth')
     assert len(w0) > 50 and all(torch.equal(v, w1[k]) for k, v in w0.items())
     assert load(tmp_path / 'gather0.pth')['equal'] and load(tmp_path / 'gather1.pth')['equal']
+    # the epoch's loss is the mean over both ranks' steps, not rank 0's own mean
+    l0, l1 = load(tmp_path / 'loss0.pth'), load(tmp_path / 'loss1.pth')
+    both = l0['local'] + l1['local']
+    assert l0['mean'] == l1['mean'] == pytest.approx(sum(both) / len(both), rel=1e-6)
+    assert l0['local'] != l1['local']                # the shards differ: the test can fail
+    epoch_rows = [r for r in log_rows(tmp_path) if 'loss_avg' in r and r['epoch'] == 1]
+    assert epoch_rows[0]['loss_avg'] == l0['mean']
     ckpt = load(tmp_path / 'checkpoint_last.pth')
     # 2 steps of 8 = 2 processes x 4
     assert max(losses(tmp_path)) == 1 and ckpt['args']['batch_size'] == 8
@@ -408,7 +453,7 @@ def test_bad_arch_optimizer_batch(data, tmp_path, monkeypatch, capsys):
             args_for(data, tmp_path, flag, value)
         # argparse: usage + one error line
         assert e.value.code == 2 and value in capsys.readouterr().err
-    monkeypatch.setattr(tp, 'init_distributed', lambda: (0, 3, 0, torch.device('cpu')))
+    monkeypatch.setattr(tp.launch, 'setup', lambda: launch.Run(0, 3, 0, torch.device('cpu')))
     fails(args_for(data, tmp_path, *VIT), 'not divisible by 3')
 
 
@@ -511,7 +556,7 @@ def test_each_study_runs_two_steps_and_changes_only_its_part(data, tmp_path, def
     for k, v in spec.get('kwargs', {}).items():
         assert ckpt['backbone_kwargs'][k] == v
     # every framework: linear, kNN, ...
-    model = moco.load_backbone(str(tmp_path / 'checkpoint_last.pth'))
+    model = checkpoint.load_backbone(str(tmp_path / 'checkpoint_last.pth'))
     assert model.eval()(torch.zeros(1, 3, 16, 16)).shape == (1, 128)
     torch.manual_seed(0)  # main's seed: the initial weights
     init = moco.build_moco('vit_tiny', 16, 32, 0.2, **ckpt['backbone_kwargs']).state_dict()

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 import moco  # noqa: E402
 import simclr_byol as sb  # noqa: E402
 
@@ -32,8 +33,15 @@ def one_thread():
 VIT_TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
 
 
+FRAMEWORKS = {"mocov3": moco.MoCo, "simclr": sb.SimCLR, "byol": sb.BYOL}
+
+
 def tiny(framework, **kw):
-    return sb.build_model(framework, "vit_tiny", dim=16, mlp_dim=32, **{**VIT_TINY, **kw})
+    """As train_pretrain.build_model: the backbone (classifier at the heads' width), then the
+    framework; kw: head settings (T, predictor, head_bn) or backbone ones."""
+    heads = {k: kw.pop(k) for k in ("T", "predictor", "head_bn") if k in kw}
+    backbone = moco.ARCHS["vit_tiny"](num_classes=32, **{**VIT_TINY, **kw})
+    return FRAMEWORKS[framework](backbone, dim=16, mlp_dim=32, **heads)
 
 
 def crops(n, seed=1, size=16):
@@ -197,7 +205,7 @@ def test_simclr_layout_loss_and_gradients_through_both_views():
 
 def test_frozen_patch_projection_in_all_three():
     x1, x2 = crops(4)
-    for framework in sb.FRAMEWORKS:
+    for framework in FRAMEWORKS:
         model = tiny(framework, stop_grad_conv1=True)
         model(x1, x2, 0.99).backward()
         proj = model.base_encoder.patch_embed.proj
@@ -205,7 +213,7 @@ def test_frozen_patch_projection_in_all_three():
         assert model.base_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0, framework
 
 
-def test_build_model_defaults_and_errors():
+def test_framework_defaults_and_errors():
     torch.manual_seed(0)
     m = tiny("mocov3")
     torch.manual_seed(0)
@@ -213,17 +221,12 @@ def test_build_model_defaults_and_errors():
     assert type(m) is moco.MoCo and m.T == ref.T == 1.0
     assert all(torch.equal(a, b)
                for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
-    assert tiny("simclr").T == 0.1 and tiny("simclr", predictor=False).T == 0.1
+    assert tiny("simclr").T == 0.1
     # head_bn='all'
     assert sum(isinstance(x, nn.BatchNorm1d) for x in tiny("simclr").modules()) == 3
     assert isinstance(tiny("byol", predictor=False).predictor, nn.Identity)
-    r = sb.build_model("byol", "resnet18", dim=16, mlp_dim=32, small_stem=True)
-    # zero_init_residual, as MoCo's
-    assert all(b.bn2.weight.abs().sum() == 0 for b in r.base_encoder.layer1)
-    with pytest.raises(ValueError, match="framework"):
-        tiny("swav")
-    with pytest.raises(ValueError, match="predictor"):
-        tiny("simclr", predictor=True)
+    # BYOL's heads: BN in the hidden layers only (2 of the projector, 1 of the predictor)
+    assert sum(isinstance(x, nn.BatchNorm1d) for x in tiny("byol").base_encoder.modules()) == 2
     with pytest.raises(ValueError, match="head_bn"):
         tiny("simclr", head_bn="last")
 
@@ -241,7 +244,7 @@ def test_load_backbone_reads_simclr_and_byol(tmp_path):
         path = tmp_path / f"{framework}.pth"
         torch.save({"state_dict": model.state_dict(), "arch": "vit_tiny",
                     "backbone_kwargs": {**VIT_TINY, "stop_grad_conv1": True}}, path)
-        bb = moco.load_backbone(path).eval()
+        bb = checkpoint.load_backbone(path).eval()
         assert isinstance(bb.head, nn.Identity)
         assert torch.equal(bb(x), model.base_encoder.eval().forward_features(x)), framework
 
@@ -311,3 +314,13 @@ def test_two_processes_gloo_equal_one_process(tmp_path):
 
 if __name__ == "__main__":
     ddp_worker(sys.argv[1])
+
+
+def test_simclr_and_byol_losses_are_fp32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = (torch.randn(6, 16, generator=g).bfloat16() for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        simclr, byol = sb.nt_xent(z1, z2, 0.1), sb.BYOL.loss(z1, z2)
+    assert simclr.dtype == byol.dtype == torch.float32
+    assert torch.equal(simclr, sb.nt_xent(z1.float(), z2.float(), 0.1))
+    assert torch.equal(byol, sb.BYOL.loss(z1.float(), z2.float()))

@@ -16,6 +16,7 @@ from PIL import Image
 
 import augment
 import data
+import launch
 import moco
 import train_finetune as ft
 
@@ -203,19 +204,26 @@ def test_cifar10_preset_is_the_official_recipe(roots, no_md5, tmp_path):
     args = ft.parse_args([str(roots / 'cifar10'), '--dataset', 'cifar10', '--preset', 'cifar10',
                           '--pretrained', str(roots / 'vit.pth'), '--epochs', '1', '-b', '16',
                           '-j', '0'])
-    args.img_size, args.device = 16, torch.device('cpu')
-    train, val, loader, _ = ft.data_loaders(args, 0, 1, False)
+    args.img_size = 16
+    one_process = launch.Run(rank=0, world_size=1, local_rank=0, device=torch.device('cpu'))
+    train, val, loader, _ = ft.data_loaders(args, one_process)
     views = {type(t).__name__: t for t in train.transform.transforms}
     assert set(views) == {'RandomResizedCrop', 'RandomHorizontalFlip', 'PILToTensor', 'ToDtype',
                           'Normalize'}
     assert views['RandomResizedCrop'].scale == (0.05, 1.0)
     assert views['RandomResizedCrop'].interpolation == augment.InterpolationMode.BILINEAR
     assert val.transform.transforms[0].size == [18] and len(loader) == 2  # 16 * 256 / 224; 40 // 16
-    _, ckpt, out = run(roots, tmp_path, 'cifar10', '--dataset', 'cifar10', '-b', '16')
+    # without the warm-up, epoch 0 runs at the actual lr: DeiT's lr x batch / 512
+    _, ckpt, out = run(roots, tmp_path, 'cifar10', '--dataset', 'cifar10', '-b', '16',
+                       '--warmup-epochs', '0')
     config = json.loads((out / 'config.json').read_text())
     assert ((config['epochs'], config['batch_size'], config['weight_decay'], config['mixup'])
             == (1, 16, 0.1, 0.8))
-    assert config['actual_lr'] == 3e-4 * 16 / 512 and ckpt['step'] == 2  # DeiT's lr x batch / 512
+    assert config['arch'] == 'vit_tiny' and config['img_size'] == 16   # resolved: the checkpoint's
+    rows = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    # 2 steps, 1 epoch
+    assert [r['lr'] for r in rows] == pytest.approx([3e-4 * 16 / 512] * 3, rel=1e-12)
+    assert ckpt['step'] == 2
 
 
 def test_transfer_presets_table():
@@ -230,6 +238,9 @@ def test_transfer_presets_table():
         a = ft.parse_args(['--preset', name, 'ROOT'])
         assert (a.dataset, a.batch_size, a.lr, a.epochs, a.warmup_epochs, a.repeated_aug) == \
             (name, 1024, 3e-4, 100, 3, False)
+        # DeiT's defaults, as the official commands: the cosine ends at 1e-5, 1.7% of the
+        # actual lr 3e-4 x 1024/512
+        assert (a.warmup_lr, a.min_lr) == (1e-6, 1e-5) and a.min_lr < a.lr * 1024 / 512
 
 
 def test_cli_missing_root_is_one_line(tmp_path):

@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # One GPU check of this MoCo v3 implementation: on one CUDA GPU, what the CPU-only tests cannot show.
 #
-#   1. Pretraining through torchrun (NCCL, DDP and SyncBatchNorm, which train_pretrain.py uses under torchrun
-#      even for one process, DistributedSampler, pinned memory) on the built-in demo data: the demo ViT and a
-#      ResNet-18, each in bf16 and in fp16 (+ GradScaler), 2 epochs; the loss
-#      must fall (first vs last logged step of log.jsonl). Then `--resume auto` to a 3rd epoch (the log must
-#      be continued, not rewritten), and train_linear.py / train_finetune.py on that checkpoint.
-#   2. bench.py rows, bf16: ViT-B/16 with and without --compile (images/s, MFU against the measured matmul
-#      peak, phase split); ResNet-50 channels_last (+ the optimizer implementations); ViT-S at increasing
-#      batches with and without --grad-ckpt up to the first out-of-memory (peak memory per image; batch
-#      512 per GPU = the paper's 4096 on 8 GPUs).
+#   1. Pretraining on the built-in demo data (data/moco_demo, 32 px), 2 epochs a run; the loss must fall
+#      (first vs last logged step of log.jsonl):
+#      - the demo ViT in fp16 (+ GradScaler), one process under torchrun: NCCL at world size 1, DDP,
+#        pinned memory; it builds the demo data for the runs after it;
+#      - the demo ViT in bf16 and a ResNet-18 in fp16 (LARS + GradScaler), each as TWO processes on the one
+#        GPU over gloo (MOCO_DIST_BACKEND=gloo: NCCL refuses two ranks on one device), CUDA tensors all
+#        the way: DDP's gradient all-reduce, SyncBatchNorm's statistics across the two processes (its
+#        gloo path), the keys of both gathered by concat_all_gather, DistributedSampler's shards;
+#      - `--resume auto` of the bf16 ViT to a 3rd epoch (its log continued, not rewritten; "resumed from"
+#        printed), then train_linear.py --knn (features gathered across ranks) and train_finetune.py
+#        (evaluation sums all-reduced over uneven shards) on that checkpoint, two processes each.
+#   2. bench.py rows, bf16, one process: ViT-B/16 with --compile (first: its ~2 minutes of compiling
+#      always fit) and without (images/s, MFU against the measured matmul peak, phase split);
+#      ResNet-50 channels_last with LARS (+ the optimizer implementations); ViT-S at increasing batches,
+#      with and without --grad-ckpt in turn, each up to its first out-of-memory (peak memory per image;
+#      batch 512 per GPU = the paper's 4096 on 8 GPUs).
 #   3. OUTDIR/results.json and OUTDIR/results.md (rows for BENCHMARKS.md), and each step's log in OUTDIR.
 #
-# Why: autocast, GradScaler, NCCL, pinned memory, flash attention, Triton (--compile) and CUDA memory
-# figures run only on a GPU. How long: ~6 minutes on one H200 (a pretraining run ~20-30 s, a bench row
-# ~15 s, --compile ~2 min); each step runs under `timeout`, all within a 7.5-minute budget (a step left
-# without time is recorded as skipped). A failed step is recorded with its last lines and the check goes
-# on; the exit status is non-zero at the end if any step or check failed.
+# Not checked: NCCL between GPUs (its all-reduce and all-gather over NVLink or the network) and any
+# multi-GPU speed; the two processes here share one GPU and talk through the host (gloo), so their
+# images/s say nothing about 8 GPUs. torch.compile of the DDP-wrapped model (train_pretrain.py
+# --compile) is not run either: the compile row is bench's, one process.
+#
+# Budget: 450 s for all the steps, ~7.5 minutes on one H100 (a pretraining run ~20-30 s, a bench row
+# ~15 s, --compile ~2 min), so that a 15-minute GPU session has time for a rerun. Each step runs under
+# `timeout`; the limits of the steps before the --compile row add up to 250 s, which leaves it its 200 s,
+# and the rows after it share what is left (a step left without time is recorded as skipped). A failed
+# step is recorded with its last lines and the check goes on; the exit status is non-zero at the end if
+# any step or check failed.
 #
 #   bash tools/gpu_check.sh [OUTDIR]             # default OUTDIR: output/gpu_check in the repository
 #   bash tools/gpu_check.sh --dry-run [OUTDIR]   # print every command, one per line; needs no GPU
@@ -27,7 +40,7 @@ DRY=0
 for arg in "$@"; do
     case $arg in
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,22s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,35s/^# \{0,1\}//p' "$0"; exit 0 ;;
         -*) echo "gpu_check: unknown option $arg (use --dry-run, OUTDIR)" >&2; exit 2 ;;
         *) OUT=$(realpath -m -- "$arg") ;;    # absolute: the commands run in the repository root
     esac
@@ -35,21 +48,36 @@ done
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/output/gpu_check}
 export PYTHONUNBUFFERED=1                     # a log holds every line printed, also after a timeout
-PY=python
-command -v python > /dev/null || PY=python3
-TORCHRUN="torchrun --nproc_per_node=1"
+PY=python3                                    # python where there is no python3
+command -v python3 > /dev/null || PY=python
+# torchrun is this module's command: run through $PY it is the interpreter checked below, also
+# where no torchrun is on the PATH. --standalone: a free port for each run.
+TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=1"
+TWO_RANKS="env MOCO_DIST_BACKEND=gloo $PY -m torch.distributed.run --standalone --nproc_per_node=2"
 BUDGET=450                                    # seconds for all the steps; the summary takes one
 
 if ((!DRY)); then
+    # one line: the JSON of the GPU, or why there is none (the real cause when torch does not import)
     env_json=$($PY -c '
-import json, torch
-assert torch.cuda.is_available()
+import json, sys
+try:
+    import torch
+except Exception as e:      # a missing package, a CUDA library that does not load, ...
+    print(f"{sys.executable} cannot import torch: " + f"{type(e).__name__}: {e}".splitlines()[-1])
+    sys.exit(1)
+if not torch.cuda.is_available():
+    print(f"no CUDA GPU here: torch {torch.__version__} (CUDA {torch.version.cuda}) finds none "
+          "(torch.cuda.is_available() is False); see --dry-run")
+    sys.exit(1)
 p = torch.cuda.get_device_properties(0)
 print(json.dumps(dict(device=p.name, memory_gib=p.total_memory / 2**30, torch=torch.__version__,
-                      cuda=torch.version.cuda)))' 2> /dev/null) || {
-        echo "gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); see --dry-run" >&2
+                      cuda=torch.version.cuda)))' 2> /dev/null)
+    rc=$?
+    if ((rc != 0)); then
+        cause=$(tail -n 1 <<< "$env_json")
+        echo "gpu_check: ${cause:-$PY -c 'import torch' failed (exit $rc; is $PY installed?)}" >&2
         exit 1
-    }
+    fi
     mkdir -p "$OUT"
     echo "$env_json" > "$OUT/env.json"
     : > "$OUT/steps.tsv"
@@ -86,39 +114,44 @@ step() {
 }
 
 # ----------------------------------------------------------------------------- 1. pretraining and evaluation
-# --preset demo: the built-in data (made once, in data/moco_demo), 32-px images, batch 128, 39 steps an
-# epoch. With --arch resnet18 the preset keeps its schedule but neither its ViT shape nor its lr (2e-3, an
-# AdamW lr, would leave LARS nearly still): the ResNet recipe's base lr, 0.6, here also given explicitly.
-for dtype in bf16 fp16; do
-    step pretrain_vit_$dtype 90 $TORCHRUN train_pretrain.py --preset demo --dtype $dtype --epochs 2 \
-        -p 5 -j 8 --output-dir "$OUT/pretrain_vit_$dtype"
-    step pretrain_resnet18_$dtype 90 $TORCHRUN train_pretrain.py --preset demo --arch resnet18 --lr 0.6 \
-        --dtype $dtype --epochs 2 -p 5 -j 8 --output-dir "$OUT/pretrain_resnet18_$dtype"
-done
+# --preset demo: the built-in data (made once, by the first run), 32-px images, batch 128 (64 per process
+# with two), 39 steps an epoch. With --arch resnet18 the preset keeps its schedule but neither its ViT shape
+# nor its lr (2e-3, an AdamW lr, would leave LARS nearly still): the ResNet recipe's base lr, 0.6, here
+# also given explicitly. Limits until the compile row: 50 + 50 + 50 + 30 + 35 + 35 = 250 s.
+step pretrain_vit_fp16 50 $TORCHRUN train_pretrain.py --preset demo --dtype fp16 --epochs 2 \
+    -p 5 -j 8 --output-dir "$OUT/pretrain_vit_fp16"
+step pretrain_vit_bf16 50 $TWO_RANKS train_pretrain.py --preset demo --dtype bf16 --epochs 2 \
+    -p 5 -j 4 --output-dir "$OUT/pretrain_vit_bf16"
+step pretrain_resnet18_fp16 50 $TWO_RANKS train_pretrain.py --preset demo --arch resnet18 --lr 0.6 \
+    --dtype fp16 --epochs 2 -p 5 -j 4 --output-dir "$OUT/pretrain_resnet18_fp16"
 # the log before resuming: a resumed run keeps its rows, a restarted one rewrites them
 ((DRY)) || cp "$OUT/pretrain_vit_bf16/log.jsonl" "$OUT/resume_vit_bf16.before.jsonl" 2> /dev/null
-step resume_vit_bf16 60 $TORCHRUN train_pretrain.py --preset demo --dtype bf16 --epochs 3 \
-    -p 5 -j 8 --resume auto --output-dir "$OUT/pretrain_vit_bf16"
+step resume_vit_bf16 30 $TWO_RANKS train_pretrain.py --preset demo --dtype bf16 --epochs 3 \
+    -p 5 -j 4 --resume auto --output-dir "$OUT/pretrain_vit_bf16"
 CKPT=$OUT/pretrain_vit_bf16/checkpoint_last.pth
-step linear_vit_bf16 60 $TORCHRUN train_linear.py --pretrained "$CKPT" --epochs 2 -b 256 --knn \
-    -j 8 --output-dir "$OUT/linear_vit_bf16" data/moco_demo
-step finetune_vit_bf16 60 $TORCHRUN train_finetune.py --pretrained "$CKPT" --epochs 2 -b 128 \
-    --warmup-epochs 0.5 -j 8 --output-dir "$OUT/finetune_vit_bf16" data/moco_demo
+step linear_vit_bf16 35 $TWO_RANKS train_linear.py --pretrained "$CKPT" --epochs 2 -b 256 --knn --dtype bf16 \
+    -j 4 --output-dir "$OUT/linear_vit_bf16" data/moco_demo
+step finetune_vit_bf16 35 $TWO_RANKS train_finetune.py --pretrained "$CKPT" --epochs 2 -b 128 \
+    --warmup-epochs 0 -j 4 --output-dir "$OUT/finetune_vit_bf16" data/moco_demo
 
 # ----------------------------------------------------------------------------- 2. bench rows
 # --peak-n 8192: a larger matmul comes closer to the GPU's peak than bench's 4096 (a lower, safer MFU)
 BENCH="$PY bench.py --device cuda --dtype bf16 --peak-n 8192 --json"
+step bench_vit_base_b256_compile 200 $BENCH --arch vit_base -b 256 --compile   # slow: first, in budget
 step bench_vit_base_b256 60 $BENCH --arch vit_base -b 256
 step bench_resnet50_b256_channels_last 60 $BENCH --arch resnet50 -b 256 --channels-last \
-    --compare-optimizers
-for ckpt in "" --grad-ckpt; do
-    for b in 512 1024 2048 4096 8192; do
-        # the first failure (out of memory, expected) ends the sweep
-        step "bench_vit_small_b$b${ckpt:+_grad_ckpt}" 60 $BENCH --arch vit_small -b $b \
-            --warmup 1 --steps 3 $ckpt || ((DRY)) || break
-    done
+    --optimizer lars --compare-optimizers
+# both sweeps in turn, so that a spent budget cuts them alike; each ends at its first failure (an
+# out of memory, expected), the checkpointed one later
+plain=1
+for b in 512 1024 2048 4096; do
+    if ((plain)); then
+        step bench_vit_small_b$b 60 $BENCH --arch vit_small -b $b --warmup 1 --steps 3 \
+            || ((DRY)) || plain=0
+    fi
+    step bench_vit_small_b${b}_grad_ckpt 60 $BENCH --arch vit_small -b $b --warmup 1 --steps 3 \
+        --grad-ckpt || ((DRY)) || break
 done
-step bench_vit_base_b256_compile 200 $BENCH --arch vit_base -b 256 --compile   # last: compiling is slow
 ((DRY)) && exit 0
 
 # ----------------------------------------------------------------------------- 3. results
@@ -126,7 +159,7 @@ $PY - "$OUT" << 'EOF'
 """OUT/steps.tsv, the runs' log.jsonl and bench's JSON lines -> results.json and results.md. Exits 1 if
 a step failed (an out-of-memory only ends a ViT-S sweep) or a check (the loss fell, the run resumed)
 did not hold."""
-import json, os, sys
+import json, os, re, sys
 
 out, GiB = sys.argv[1], 2 ** 30
 keys = ('name', 'status', 'rc', 'seconds', 'command')
@@ -162,7 +195,10 @@ for s in steps:
         rows = [r for r in rows if r['epoch'] == 3]
     knn = [r['knn_top1'] for r in rows if r.get('knn_top1') is not None]
     rows = [r for r in rows if 'loss' in r]
+    ranks = int(re.search(r'--nproc_per_node=(\d+)', s['command']).group(1))
+    backend = 'gloo' if 'MOCO_DIST_BACKEND=gloo' in s['command'] else 'nccl'
     run = dict(name=name, status=s['status'], seconds=s['seconds'], steps_logged=len(rows),
+               processes=ranks, backend=backend,
                knn_first=knn[0] if knn else None, knn_last=knn[-1] if knn else None)
     if rows:
         run.update(epochs=rows[-1]['epoch'], first_loss=rows[0]['loss'], last_loss=rows[-1]['loss'],
@@ -175,9 +211,11 @@ for s in steps:
         # and epoch 3 is added
         kept = [r for r in jsonl(f'{out}/{name}.before.jsonl') if r['epoch'] <= 2]
         run['resumed'] = bool(kept) and jsonl(log)[:len(kept)] == kept and run.get('epochs') == 3
-        run['said_resuming'] = any('resuming' in line for line in log_lines(name))
-        if not run['resumed']:
-            res['problems'].append(f'{name}: not resumed (the rows of epochs 1-2 kept, epoch 3 added)')
+        # train_pretrain.py says "resumed from <path> at epoch <N>" at the start of a resumed run
+        run['said_resumed'] = any('resumed from' in line for line in log_lines(name))
+        if not (run['resumed'] and run['said_resumed']):
+            res['problems'].append(f'{name}: not resumed (the rows of epochs 1-2 kept, epoch 3 added, '
+                                   f'"resumed from" printed: {run["resumed"]}, {run["said_resumed"]})')
     res['pretrain'].append(run)
 
 for s in steps:
@@ -215,25 +253,29 @@ e = res['env']
 md = [f"# GPU check: {e['device']} ({e['memory_gib']:.0f} GiB), torch {e['torch']}, CUDA {e['cuda']}",
       '', '| step | status | seconds |', '|---|---|---|']
 md += [f"| {s['name']} | {s['status']} | {s['seconds']} |" for s in steps]
-md += ['', '| demo data, torchrun, 1 GPU | epochs | first loss | last loss | fell (resume: resumed) '
-       '| kNN top-1 first → last | img/s | seconds |', '|---|---|---|---|---|---|---|---|']
+md += ['', '| demo data, torchrun, 1 GPU | processes | epochs | first loss | last loss '
+       '| fell (resume: resumed) | kNN top-1 first → last | img/s | seconds |',
+       '|---|---|---|---|---|---|---|---|---|']
 for r in res['pretrain']:
-    md.append(f"| {r['name']} | {r.get('epochs', '—')} | {fmt(r.get('first_loss'))} | "
+    md.append(f"| {r['name']} | {r['processes']} ({r['backend']}) | {r.get('epochs', '—')} | "
+              f"{fmt(r.get('first_loss'))} | "
               f"{fmt(r.get('last_loss'))} | {r.get('resumed', r.get('fell', '—'))} | "
               f"{fmt(r['knn_first'], '.1f')} → {fmt(r['knn_last'], '.1f')} | "
               f"{fmt(r.get('img_s'), '.0f')} | {r['seconds']} |")
 for name in ('linear_vit_bf16', 'finetune_vit_bf16'):
     if name in res:
-        md.append(f"| {name} | {res[name]['epochs']} | | | | val top-1 {res[name]['val_top1']:.1f} | | "
-                  f"{res[name]['seconds']} |")
-md += ['', f"{e['device']}, bf16, 224 px, fused AdamW, median of the timed steps, MFU against the bf16 "
-       'matmul peak bench measures (8192³):', '',
+        md.append(f"| {name} | 2 (gloo) | {res[name]['epochs']} | | | | "
+                  f"val top-1 {res[name]['val_top1']:.1f} | | {res[name]['seconds']} |")
+md += ['', f"{e['device']}, bf16, 224 px, one process, the optimizer in brackets (train_pretrain.py's "
+       'implementation), median of the timed steps, MFU against the bf16 matmul peak bench measures '
+       '(8192³):', '',
        '| model | batch | images/s | step ms | MFU | TFLOP/s (peak) | momentum update + optimizer '
        '| ms: momentum update, q fwd, k fwd, loss, bwd, optimizer | peak memory | GiB / image '
        '| compile s |', '|---|---|---|---|---|---|---|---|---|---|---|']
 for r in res['bench']:
     levers = ''.join(f", {k.replace('_', '-')}" for k in ('compile', 'grad_ckpt', 'channels_last') if r[k])
-    md.append(f"| {r['arch']}{levers} | {r['batch_size']} | {r['images_per_s']:.0f} | "
+    md.append(f"| {r['arch']}{levers} ({r['optimizer_impl']}) | {r['batch_size']} | "
+              f"{r['images_per_s']:.0f} | "
               f"{r['step_ms']:.1f} | {100 * r['mfu']:.1f} % | {r['achieved_flops_per_s'] / 1e12:.0f} "
               f"({r['peak_matmul_flops_per_s'] / 1e12:.0f}) | "
               f"{100 * r['update_and_optimizer_share']:.1f} % | "
