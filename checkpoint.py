@@ -76,6 +76,26 @@ def load_weights(model, state_dict, path):
         raise UserError(f"{path} does not fit this model ({first_line})") from None
 
 
+def resume(path, model, optimizer, scaler=None, **expected):
+    """A training checkpoint of train_pretrain.py into the model, the optimizer and the GradScaler
+    -> the checkpoint (its 'epoch' counts the epochs done, as the official code's). expected:
+    entries the file must record with these values (framework, arch)."""
+    ckpt = read(path)
+    if "optimizer" not in ckpt or "epoch" not in ckpt:
+        raise UserError(f"{path} is not a MoCo v3 training checkpoint (no optimizer state)")
+    recorded = {k: ckpt.get(k) for k in expected}
+    if recorded != expected:
+        raise UserError(f"{path} records {recorded}, not {expected}")
+    load_weights(model, ckpt["state_dict"], path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:  # torch's words for another optimizer's state
+        raise UserError(f"the optimizer state of {path} does not fit ({e})") from None
+    if scaler is not None and scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt
+
+
 # Settings that shape training, not the weights: not carried from a pretraining checkpoint to the
 # loaded backbone.
 TRAINING_ONLY = ("num_classes", "zero_init_residual", "stop_grad_conv1", "drop_path_rate",

@@ -25,51 +25,11 @@ import data
 import evaluation
 import launch
 import moco
+import recipes
 import simclr_byol
 from lars_lamb import LAMB, LARS
 from launch import UserError
 
-# ----------------------------------------------------------------------------- recipes
-# The recipe of each framework and backbone family becomes the parser's defaults: `--help` shows
-# what will run, and a flag given always wins.
-RECIPES = {
-    # MoCo v3: the official CONFIG.md (ViT-S/B, 300 epochs; R-50, 100 epochs).
-    ('mocov3', 'vit'): dict(
-        optimizer='adamw', lr=1.5e-4, weight_decay=0.1, epochs=300, warmup_epochs=40,
-        moco_t=0.2, moco_m=0.99, crop_min=0.08, head_bn='all', predictor=True),
-    ('mocov3', 'resnet'): dict(
-        optimizer='lars', lr=0.6, weight_decay=1e-6, epochs=100, warmup_epochs=10,
-        moco_t=1.0, moco_m=0.99, crop_min=0.2, head_bn='all', predictor=True),
-    # SimCLR (Chen et al., 2020): no momentum encoder (m is unused), no predictor. On ViTs the lr
-    # and wd of the MoCo v3 paper (Sec. 4.2, Fig. 6), which gives no tau: SimCLR's own 0.1.
-    # On ResNets SimCLR's recipe: LARS, lr 0.3 x batch/256, wd 1e-6, tau 0.1.
-    ('simclr', 'vit'): dict(
-        optimizer='adamw', lr=2e-4, weight_decay=0.1, epochs=300, warmup_epochs=40,
-        moco_t=0.1, moco_m=0.0, crop_min=0.08, head_bn='all', predictor=False),
-    ('simclr', 'resnet'): dict(
-        optimizer='lars', lr=0.3, weight_decay=1e-6, epochs=100, warmup_epochs=10,
-        moco_t=0.1, moco_m=0.0, crop_min=0.08, head_bn='all', predictor=False),
-    # BYOL (Grill et al., 2020): no negatives (tau is unused); heads with BN in the hidden layers
-    # only; m from BYOL's 0.996, raised to 1 with a half-cosine. On ViTs the lr and wd of the
-    # MoCo v3 paper (Fig. 6); on ResNets BYOL's: LARS, lr 0.2 x batch/256, wd 1.5e-6.
-    ('byol', 'vit'): dict(
-        optimizer='adamw', lr=1e-4, weight_decay=0.03, epochs=300, warmup_epochs=40,
-        moco_t=1.0, moco_m=0.996, crop_min=0.08, head_bn='hidden', predictor=True),
-    ('byol', 'resnet'): dict(
-        optimizer='lars', lr=0.2, weight_decay=1.5e-6, epochs=100, warmup_epochs=10,
-        moco_t=1.0, moco_m=0.996, crop_min=0.08, head_bn='hidden', predictor=True),
-}
-# MoCo v3's longer R-50 runs (CONFIG.md): from this many epochs on, these values.
-LONGER_RESNET_RUNS = {300: dict(lr=0.3), 1000: dict(lr=0.3, weight_decay=1.5e-6, moco_m=0.996)}
-# Every ViT recipe freezes the random patch projection (Sec. 4.2: it helps all three frameworks).
-PRESETS = {
-    # 2 CPU cores, minutes, the 32-px built-in images. m 0.9: a few hundred steps, the keys must
-    # follow; no large-batch spikes to cure; crops of >= 30%: both views still show the shape.
-    'demo': dict(
-        data=data.DEMO_ROOT, arch='vit_tiny', depth=4, embed_dim=128, num_heads=4,
-        img_size=32, patch_size=4, epochs=8, batch_size=128, lr=2e-3, warmup_epochs=1,
-        moco_mlp_dim=1024, moco_m=0.9, stop_grad_conv1=False, crop_min=0.3, workers=1),
-}
 VIT_SHAPE = ('depth', 'embed_dim', 'num_heads')
 
 
@@ -80,7 +40,8 @@ def get_args_parser():
     p.add_argument('data', nargs='?', metavar='DATA',
                    help='ImageNet layout, DATA/train/<class>/<image>; '
                         'omitted only by the demo (no arguments, or --preset demo)')
-    p.add_argument('--preset', choices=PRESETS, help='demo: a small ViT on the built-in images')
+    p.add_argument('--preset', choices=recipes.PRESETS,
+                   help='demo: a small ViT on the built-in images')
     p.add_argument('-a', '--arch', default='resnet50', choices=moco.ARCHS, metavar='ARCH',
                    help=f'backbone, which picks the recipe: {", ".join(moco.ARCHS)}')
     p.add_argument('--framework', default='mocov3', choices=('mocov3', 'simclr', 'byol'),
@@ -135,7 +96,10 @@ def get_args_parser():
     g.add_argument('--resume', default='', help="checkpoint to continue, or 'auto': the latest")
     g.add_argument('--pretrained', default='', help='weights to start from (a fresh schedule)')
     g.add_argument('--save-every', type=int, default=0, help='keep checkpoint_<epoch>.pth every N')
-    g.add_argument('--knn-data', help='DIR with labelled train/ and val/: kNN top-1 every epoch')
+    g.add_argument('--knn-data', help='DIR with labelled train/ and val/: kNN top-1 of the '
+                                      'backbone at init, every --knn-every epochs and at the end')
+    g.add_argument('--knn-every', type=int, default=1,
+                   help='epochs between kNN passes (a pass embeds train/ and val/ once)')
     g.add_argument('--seed', type=int, default=0,
                    help='seed s: the same initial weights, batch order and augmentations in '
                         'every run with s (paired runs)')
@@ -144,7 +108,9 @@ def get_args_parser():
     g.add_argument('--dtype', choices=launch.DTYPES,
                    help='autocast dtype (fp16 adds a GradScaler); default: bf16 on GPUs and on '
                         'CPUs with native bf16, fp32 on other CPUs')
-    g.add_argument('--compile', action='store_true', help='torch.compile the (DDP) model')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the encoders and heads (not the momentum update); '
+                        'on a CPU the demo gains nothing (BENCHMARKS.md)')
     g.add_argument('-p', '--print-freq', type=int, default=10, help='log every N steps')
 
     g = p.add_argument_group('official launch flags: accepted and ignored, torchrun does this')
@@ -152,22 +118,6 @@ def get_args_parser():
         g.add_argument(flag, dest='launch_' + flag[2:].replace('-', '_'))
     g.add_argument('--multiprocessing-distributed', action='store_true', dest='launch_mp')
     return p
-
-
-def recipe(framework, arch, epochs, preset):
-    """The parser's defaults: the recipe of the framework and backbone family, then the preset."""
-    family = 'vit' if arch.startswith('vit') else 'resnet'
-    defaults = dict(RECIPES[framework, family], stop_grad_conv1=family == 'vit')
-    epochs = epochs or PRESETS.get(preset, {}).get('epochs') or defaults['epochs']
-    if (framework, family) == ('mocov3', 'resnet'):
-        for longer, values in LONGER_RESNET_RUNS.items():
-            if epochs >= longer:
-                defaults.update(values)
-    preset_values = dict(PRESETS.get(preset, {}))
-    if preset and preset_values['arch'] != arch:      # another arch: its own shape and lr
-        for name in (*VIT_SHAPE, 'lr', 'arch'):
-            preset_values.pop(name)
-    return {**defaults, **preset_values}
 
 
 def parse_args(argv=None):
@@ -180,12 +130,13 @@ def parse_args(argv=None):
     first.add_argument('--epochs', type=int)
     chosen, _ = first.parse_known_args(argv)
     preset = chosen.preset or ('demo' if not argv else None)
-    arch = chosen.arch or PRESETS.get(preset, {}).get('arch', 'resnet50')
+    arch = chosen.arch or recipes.PRESETS.get(preset, {}).get('arch', 'resnet50')
     framework = chosen.framework or 'mocov3'
     parser = get_args_parser()
-    known = (framework, 'vit') in RECIPES and arch in moco.ARCHS and preset in (None, *PRESETS)
-    if known:                                   # else the parse below names the bad value
-        parser.set_defaults(**recipe(framework, arch, chosen.epochs, preset), preset=preset)
+    known = (framework, 'vit') in recipes.RECIPES and arch in moco.ARCHS
+    if known and preset in (None, *recipes.PRESETS):    # else the parse below names the bad value
+        parser.set_defaults(**recipes.defaults(framework, arch, chosen.epochs, preset),
+                            preset=preset)
     args = parser.parse_args(argv)
     if args.preset == 'demo' and args.knn_data is None:
         args.knn_data = args.data               # the demo's kNN monitor: its labelled images
@@ -295,7 +246,7 @@ def memory_format(args):
     return torch.channels_last if args.arch.startswith('resnet') else torch.contiguous_format
 
 
-# ----------------------------------------------------------------------------- optimizer, resume
+# ----------------------------------------------------------------------------- optimizer
 def build_optimizer(model, args):
     """As the official code: every parameter goes to the optimizer, weight decay on all of them
     (LARS and LAMB skip biases and norms); the momentum encoder and a frozen projection get no
@@ -306,24 +257,6 @@ def build_optimizer(model, args):
     if args.optimizer == 'lamb':
         return LAMB(params, lr, weight_decay=args.weight_decay)
     return torch.optim.AdamW(params, lr, weight_decay=args.weight_decay)
-
-
-def resume(path, model, optimizer, scaler, args):
-    """Weights, optimizer and scaler state of a checkpoint of this script -> (epochs done, kNN at
-    init): all an exact resume needs, as data and augmentations depend on (seed, epoch, rank)."""
-    ckpt = checkpoint.read(path)
-    if 'optimizer' not in ckpt or 'epoch' not in ckpt:
-        raise UserError(f'{path} is not a MoCo v3 training checkpoint (no optimizer state)')
-    if (ckpt.get('framework', 'mocov3'), ckpt.get('arch')) != (args.framework, args.arch):
-        raise UserError(f'{path}: not --framework {args.framework} --arch {args.arch}')
-    checkpoint.load_weights(model, ckpt['state_dict'], path)
-    try:
-        optimizer.load_state_dict(ckpt['optimizer'])
-    except (ValueError, KeyError) as e:                       # another optimizer's state
-        raise UserError(f'the optimizer state of {path} does not fit ({e})') from None
-    if ckpt.get('scaler') and scaler.is_enabled():
-        scaler.load_state_dict(ckpt['scaler'])
-    return ckpt['epoch'], ckpt.get('knn_init')                # 'epoch' = epochs done, as official
 
 
 def append_json(path, row):
@@ -378,12 +311,15 @@ def main(args):
     if args.pretrained:                                       # weights only: a fresh schedule
         state = checkpoint.read(args.pretrained)['state_dict']
         checkpoint.load_weights(raw_model, state, args.pretrained)
+    if args.compile:
+        # Each encoder and head in place (the state-dict keys stay), the momentum update not: a
+        # compiled forward sees m, a float that changes every step, and would recompile each time.
+        for part in raw_model.children():
+            part.compile()
     model = raw_model
     if dist.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if cuda else None)
-    if args.compile:               # around DDP, so that it can overlap gradient communication
-        model = torch.compile(model)
 
     # ------------------------------------------------------------------------- optimizer, resume
     optimizer = build_optimizer(raw_model, args)
@@ -396,7 +332,10 @@ def main(args):
         resume_path = last_path if os.path.isfile(last_path) else ''
     start_epoch, knn_init = args.start_epoch, None
     if resume_path:
-        start_epoch, knn_init = resume(resume_path, raw_model, optimizer, scaler, args)
+        # all an exact resume needs: data and augmentations depend on (seed, epoch, rank)
+        ckpt = checkpoint.resume(resume_path, raw_model, optimizer, scaler,
+                                 framework=args.framework, arch=args.arch)
+        start_epoch, knn_init = ckpt['epoch'], ckpt.get('knn_init')  # 'epoch': epochs done
         run.say(f'resumed from {resume_path} at epoch {start_epoch}')
     run.say(f'global batch {args.batch_size} = {run.world_size} x {batch} per process; '
             f'base lr {args.lr:g}, actual lr {args.lr * args.batch_size / 256:g} '
@@ -419,7 +358,8 @@ def main(args):
     def end_of_epoch(epoch, loss=None):
         """The epoch's line: mean loss and the kNN top-1 (%) of the query backbone."""
         acc = None
-        if knn_loaders:
+        due = epoch % args.knn_every == 0 or epoch == args.epochs
+        if knn_loaders and due:
             acc = evaluation.knn_top1(raw_model.base_encoder, *knn_loaders,
                                       len(knn_loaders[0].dataset.classes), run.device, amp)
         run.say(f'epoch {epoch}/{args.epochs}'

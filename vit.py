@@ -97,10 +97,13 @@ class Attention(nn.Module):
         # softmax(q k^T / sqrt(C/h)) v; flash / memory-efficient kernels on CUDA,
         # a fused kernel on CPU
         if x.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # CPU bf16 autocast: torch's fused CPU kernel runs its backward several times slower
-            # in bf16 than in fp32 at ViT sizes (BENCHMARKS.md), so attention runs in fp32 there
-            q, k, v = q.float(), k.float(), v.float()
-        x = F.scaled_dot_product_attention(q, k, v).to(qkv.dtype)  # (B, h, N, C/h)
+            # CPU bf16 autocast: torch's fused CPU kernel runs its backward ~3x slower in bf16
+            # than in fp32 at ViT sizes (BENCHMARKS.md), so attention runs in fp32 there
+            with torch.autocast("cpu", enabled=False):
+                x = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+            x = x.to(q.dtype)  # (B, h, N, C/h)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, C/h)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, N, h, C/h) -> (B, N, C)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = ('vit', 'resnet', 'moco', 'simclr_byol', 'lars_lamb', 'data', 'augment', 'evaluation',
-           'checkpoint', 'launch')
+           'checkpoint', 'launch', 'recipes')
 SCRIPTS = ('train_pretrain', 'train_linear', 'train_finetune', 'bench')
 STDLIB_AND_TORCH = {'argparse', 'ast', 'copy', 'functools', 'io', 'json', 'math', 'os', 'random',
                     'resource', 'shutil', 'statistics', 'sys', 'time', 'warnings', 'torch',

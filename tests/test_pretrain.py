@@ -577,3 +577,21 @@ def test_default_run_is_the_old_one(default_run):
     reference = moco.build_moco('vit_tiny', 16, 32, 0.2,
                                 **default_run['backbone_kwargs']).state_dict()
     assert reference.keys() == default_run['state_dict'].keys()
+
+
+def test_knn_every_n_epochs_and_at_the_end(data, tmp_path):
+    tp.main(args_for(data, tmp_path, *VIT, '--epochs', '3', '--knn-every', '2'))
+    knn = {r['epoch']: r['knn_top1'] for r in log_rows(tmp_path) if 'loss_avg' in r}
+    assert list(knn) == [0, 1, 2, 3]
+    assert knn[1] is None and all(knn[e] is not None for e in (0, 2, 3))
+
+
+def test_default_dtype_follows_the_cpu(data, tmp_path, monkeypatch, capsys):
+    """bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere: said at start and in
+    config.json."""
+    for native, name in ((True, 'bf16'), (False, 'fp32')):
+        monkeypatch.setattr(launch, 'cpu_has_native_bf16', lambda: native)
+        out = tmp_path / name
+        tp.main(args_for(data, out, *VIT))
+        assert f'; {name} on cpu;' in capsys.readouterr().out
+        assert json.load(open(out / 'config.json'))['dtype_used'] == name
