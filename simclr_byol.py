@@ -10,7 +10,7 @@ the same trick in all four, lr and wd swept per framework):
     ViT-B/16, 300 ep    76.5     73.9    73.9   71.6
     R-50, 800 ep        73.8     70.4    74.3   71.8
 Their recipes (lr, wd, tau, m, crop-min per backbone family, from their papers or, on ViTs, from
-the MoCo v3 paper) are train_pretrain.py's RECIPES; its --help shows the one that will run.
+the MoCo v3 paper) are recipes.py's RECIPES; train_pretrain.py --help shows the one that will run.
 
     f = backbone + projector (+ predictor)  the heads of moco.MoCo:
                                             3-layer projector for ViT, 2 for ResNet

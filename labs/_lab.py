@@ -84,6 +84,9 @@ def parse_args(doc, sweep, argv=None):
     p.add_argument('--reference', default=RESULTS,
                    help='where finished runs are looked up besides the runs folder: '
                         '<reference>/<study>/<run>/')
+    p.add_argument('--inspect', action='store_true',
+                   help="also draw each setting's seed-0 features (labs/look.py): neighbours, "
+                        'attention, patch components, feature space')
     if sweep:
         p.add_argument('--sweep', action='store_true',
                        help="this lab's sweep (SWEEP in its file) instead of its settings")
@@ -104,7 +107,7 @@ def run_name(flags, epochs, seed):
 def plan(runs, seeds, epochs, data_dir, run_root, dtype, smoke=False):
     """{label: flags} -> one dict per (seed, setting), seed by seed (a lab stopped half-way has
     whole pairs): label, seed, epochs, dir and the train_pretrain.py command (--preset demo on
-    data_dir, kNN on its held-out images, every step logged, the lab's warm-up fraction, seed and
+    data_dir, kNN on its held-out images every epoch, every step logged, the lab's warm-up, seed and
     dtype; epochs unless the flags give their own)."""
     todo = []
     for seed in range(seeds):
@@ -116,7 +119,7 @@ def plan(runs, seeds, epochs, data_dir, run_root, dtype, smoke=False):
                 flags.pop(i)
             run_dir = os.path.join(run_root, run_name(flags, run_epochs, seed))
             command = [sys.executable, 'train_pretrain.py', '--preset', 'demo', data_dir,
-                       '--knn-data', data_dir, '--epochs', str(run_epochs),
+                       '--knn-data', data_dir, '--knn-every', '1', '--epochs', str(run_epochs),
                        '--warmup-epochs', f'{WARMUP * run_epochs:g}', '--seed', str(seed),
                        '--dtype', dtype, '--print-freq', '1',
                        '--output-dir', os.path.relpath(run_dir, ROOT)] + flags
@@ -430,11 +433,27 @@ def run_lab(study, argv=None):
             for f in RUN_FILES:
                 shutil.copy(os.path.join(run['dir'], f), keep)
         write_labs_md()
+    if args.inspect:
+        inspect_runs(todo, os.path.join(ROOT, data_dir), os.path.join(where, f'{name}_look'))
     print(f'{name}: wrote {png} and {md}' + ('' if reference or out else
           f' (labs/results takes {least} seeds or more)'), flush=True)
     if tmp:                                             # --smoke without --out: nothing stays
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def inspect_runs(todo, data_dir, where):
+    """labs/look.py's figures of each setting's seed-0 checkpoint, in where/<run>/. A run reused
+    from labs/results kept its logs, not its weights: said, and skipped."""
+    import look                                         # matplotlib: only when asked
+    for run in todo:
+        ckpt = os.path.join(run['dir'], 'checkpoint_last.pth')
+        if run['seed'] != 0:
+            continue
+        if not os.path.isfile(ckpt):
+            print(f'  {run["label"]}: no checkpoint (reused logs), nothing to draw', flush=True)
+            continue
+        look.main([ckpt, data_dir, '-o', os.path.join(where, os.path.basename(run['dir']))])
 
 
 def main(study):

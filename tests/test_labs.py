@@ -350,3 +350,15 @@ def test_summary_is_generated_from_the_results(tmp_path):
     assert '| momentum | m 0.99 (paper) − m 0.9 (demo) | +0.9 | not run yet | 0 | ' \
            '`python labs/momentum.py --seeds 5` |' in text
     assert '**The paper:** x' in text and 'predictor.png)' in text and 'old' not in text
+
+
+def test_inspect_draws_each_settings_seed0_features(tmp_path):
+    r = lab('predictor', '--smoke', '--seeds', '1', '--out', str(tmp_path), '--dtype', 'fp32',
+            '--inspect')
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    runs = sorted(os.listdir(tmp_path / 'runs'))
+    looks = sorted(os.listdir(tmp_path / 'predictor_look'))
+    assert looks == runs and len(runs) == 2
+    for run in runs:
+        drawn = sorted(os.listdir(tmp_path / 'predictor_look' / run))
+        assert drawn == ['attention.png', 'feature_space.png', 'neighbours.png', 'patch_pca.png']
