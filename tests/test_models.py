@@ -359,3 +359,23 @@ def test_class_token_switch_errors_and_default_unchanged():
     explicit = vit.VisionTransformer(class_token=True, final_norm=True, pool="token", **kw)
     assert all(torch.equal(a, b)
                for a, b in zip(default.state_dict().values(), explicit.state_dict().values()))
+
+
+def test_cpu_bf16_autocast_computes_attention_in_fp32():
+    """Under CPU bf16 autocast vit.Attention runs softmax(q k^T / sqrt(d)) v in fp32 (torch's bf16
+    CPU kernel is slower), on the bf16 q, k, v the qkv Linear gives: the same as a hand-written
+    fp32 attention of those values, and not what the bf16 kernel would return."""
+    torch.manual_seed(0)
+    attn = vit.Attention(32, 2)
+    x = torch.randn(3, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+        qkv = attn.qkv(x).reshape(3, 9, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        bf16_kernel = torch.nn.functional.scaled_dot_product_attention(*qkv.unbind(0))
+    q, k, v = qkv.float().unbind(0)                               # the bf16 values, in fp32
+    a = (q @ k.transpose(-2, -1) / 16 ** 0.5).softmax(-1) @ v     # (3, 2, 9, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = attn.proj(a.bfloat16().transpose(1, 2).reshape(3, 9, 32))
+    # equal up to one bf16 rounding of the output (the fused kernel sums in its own order)
+    assert torch.allclose(out.float(), expected.float(), rtol=8e-3, atol=1e-3)
+    assert not torch.equal(a.bfloat16(), bf16_kernel)
